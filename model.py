@@ -1,0 +1,412 @@
+"""model.py -- one decoder-only transformer for the checkpoints retu post-trains.
+
+Supported HF architectures (config.json `architectures[0]`):
+  * Qwen2ForCausalLM  (Qwen2, Qwen2.5, Qwen2.5-Math): q/k/v projections always have biases.
+  * Qwen3ForCausalLM  (dense Qwen3): per-head RMSNorm on q and k before RoPE, explicit `head_dim`,
+                      biases on q/k/v/o only when `attention_bias` is true.
+  * LlamaForCausalLM  (Llama 3.x): `rope_scaling` of type "llama3", untied or tied head,
+                      biases on q/k/v/o only when `attention_bias` is true.
+All three share one block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); RoPE in the "rotate half"
+layout of HF; grouped-query attention through torch's scaled_dot_product_attention (SDPA).
+
+Also here, because the rest of retu needs exactly one copy of each:
+  * per-token log-probs and entropies of target tokens, computed in chunks of tokens so that the (T, V)
+    fp32 logits are never materialised at once, in forward and in backward (`_ChunkedLogProb`);
+  * HF-compatible safetensors load/save (memory-mapped, sharded, atomic);
+  * a small tokenizer wrapper with byte-exact ChatML (Qwen) and Llama-3 chat formatting;
+  * `flops_per_token`, the paper's Appendix C compute estimate (= verl's FlopsCounter).
+
+Parameter names: `Transformer.state_dict()` names map 1:1 onto HF names by prefixing "model." to
+everything except "lm_head.weight" (`hf_name`). Precision follows HF: RMSNorm computes in fp32 and casts
+back; RoPE cos/sin are computed in fp32 from fp32 inverse frequencies (kept out of the state dict so a
+`.to(bfloat16)` cannot round them) and cast to the activation dtype.
+Packed documents (`cu_seqlens`) run causal SDPA per document: block-diagonal causal attention without a
+(T, T) mask and without cross-document FLOPs (a Python loop over documents; fine for tens of documents).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None = None          # None or {"rope_type": "llama3", factor, low/high_freq_factor, ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False              # biases on q/k/v (and o for Llama/Qwen3); Qwen2: always True
+    qk_norm: bool = False                     # Qwen3: RMSNorm over head_dim on q and k
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # the config.json this came from, so that save_pretrained writes back keys we do not model
+    hf_extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; supported: {sorted(ARCHITECTURES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
+        self.eos_token_ids = tuple(self.eos_token_ids)
+
+    @property
+    def o_bias(self) -> bool:
+        # HF Qwen2 hard-codes o_proj without bias; Llama and Qwen3 use `attention_bias` for o_proj too.
+        return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> ModelConfig:
+        """Build from an HF config.json dict; `source` names the file in error messages."""
+        def need(key):
+            if key not in d:
+                raise KeyError(f"{source}: missing required key {key!r}")
+            return d[key]
+
+        archs = need("architectures")
+        arch = archs[0] if isinstance(archs, list) and archs else archs
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{source}: unknown architecture {arch!r} in 'architectures'; "
+                             f"supported: {sorted(ARCHITECTURES)}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings"):
+            need(key)                                           # report the first missing key, in file order
+        for key in ("use_sliding_window", "mlp_bias"):        # features we do not implement: refuse loudly
+            if d.get(key):
+                raise ValueError(f"{source}: {key}=true is not supported")
+        # transformers >= 4.5x may nest rope settings in `rope_parameters`
+        rope = d.get("rope_parameters") or {}
+        theta = d["rope_theta"] if "rope_theta" in d else rope.get("rope_theta")
+        if theta is None:
+            raise KeyError(f"{source}: missing required key 'rope_theta'")
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+            else:
+                scaling = {"rope_type": "llama3", **{k: scaling[k] for k in (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+        heads = need("num_attention_heads")
+        eos = d.get("eos_token_id")
+        eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
+        return cls(
+            architecture=arch, vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=need("num_key_value_heads"),
+            head_dim=d.get("head_dim") or need("hidden_size") // heads,
+            rms_norm_eps=need("rms_norm_eps"), rope_theta=float(theta), rope_scaling=scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=True if arch == "Qwen2ForCausalLM" else bool(d.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            max_position_embeddings=need("max_position_embeddings"),
+            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos, hf_extra=dict(d))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_hf(d, source=str(path))
+
+    def to_hf(self) -> dict:
+        """An HF config.json dict (keys we do not model are carried over from the loaded file)."""
+        d = dict(self.hf_extra)
+        d.pop("rope_parameters", None)
+        d.update(
+            architectures=[self.architecture], model_type=ARCHITECTURES[self.architecture],
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim, hidden_act="silu", rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings, bos_token_id=self.bos_token_id,
+            eos_token_id=(self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)),
+        )
+        if self.architecture != "Qwen2ForCausalLM":
+            d["attention_bias"] = self.attention_bias
+        return d
+
+    @classmethod
+    def tiny(cls, architecture: str = "Qwen2ForCausalLM", **overrides) -> ModelConfig:
+        """A few-thousand-parameter config of a family, for tests. Llama gets llama3 rope scaling whose
+        three frequency regimes (kept / smoothed / divided) are all hit by head_dim 8, theta 1e4."""
+        base = dict(architecture=architecture, vocab_size=97, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6,
+                    rope_theta=10000.0, max_position_embeddings=256, bos_token_id=1, eos_token_ids=(2,))
+        if architecture == "Qwen2ForCausalLM":
+            base.update(attention_bias=True)
+        elif architecture == "Qwen3ForCausalLM":
+            base.update(qk_norm=True, head_dim=12)     # head_dim != hidden/heads, as in real Qwen3
+        elif architecture == "LlamaForCausalLM":
+            base.update(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        base.update(overrides)
+        return cls(**base)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 statistics, cast back before the weight multiply: HF's order, so bf16 results match
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies theta^(-2i/d), with Llama-3 scaling when configured."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    # llama3: long wavelengths (> orig/low_ff) are slowed by `factor`, short ones (< orig/high_ff) kept,
+    # the band between interpolates linearly in orig/wavelength.
+    factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
+        s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > orig / lo, inv / factor, inv)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / hi) & (wavelen <= orig / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, nh, D); cos/sin (B, T, 1, D) in x's dtype. HF "rotate half" layout (not interleaved)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx, self.nh, self.nkv, self.hd = layer_idx, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, doc_bounds, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)        # (B, T, nh, D)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)       # (B, T, nkv, D)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            o = cache.attend(self.layer_idx, q, k, v)          # the sampler's KV cache owns attention
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # (B, heads, T, D) for SDPA
+            if doc_bounds is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:                                               # block-diagonal causal, one doc at a time
+                o = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                              is_causal=True, enable_gqa=True)
+                               for s, e in doc_bounds], dim=2)
+            o = o.transpose(1, 2)                               # (B, T, nh, D)
+        return self.o_proj(o.reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, doc_bounds, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_bounds, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked log-probs / entropy of targets
+
+LOGPROB_CHUNK_BYTES = 256 * 2**20   # budget for one (chunk, V) fp32 logits buffer
+
+
+def logprob_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk so that a (chunk, V) fp32 buffer stays within LOGPROB_CHUNK_BYTES."""
+    return max(1, LOGPROB_CHUNK_BYTES // (4 * vocab_size))
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """logp[n] = log softmax(h[n] W^T / temp)[t[n]] and entropy[n] of that distribution, for N tokens.
+
+    Forward and backward walk over chunks of tokens and recompute the (chunk, V) logits, so nothing of size
+    (N, V) ever exists. Only h, W, targets and the (N,) log-sum-exp are saved. With z = logits / temp,
+    p = softmax(z), H = lse - sum p z:  dlogp/dz = onehot(t) - p,  dH/dz = -p (log p + H).
+    Targets < 0 are ignored (logp 0, no gradient), e.g. the last token of each packed document.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, temperature, want_entropy):
+        N, chunk = h.shape[0], logprob_chunk_tokens(w.shape[0])
+        logp = torch.empty(N, dtype=torch.float32, device=h.device)
+        ent = torch.empty(N, dtype=torch.float32, device=h.device) if want_entropy else None
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        valid = targets >= 0
+        safe_t = targets.clamp(min=0)
+        for s in range(0, N, chunk):
+            z = (h[s:s + chunk] @ w.t()).float() / temperature                  # (c, V) fp32
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk] = z.gather(1, safe_t[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+            if want_entropy:
+                ent[s:s + chunk] = lse[s:s + chunk] - (torch.softmax(z, -1) * z).sum(-1)
+        logp = torch.where(valid, logp, 0.0)
+        ctx.save_for_backward(h, w, targets, lse, ent if want_entropy else lse)
+        ctx.temperature, ctx.want_entropy = temperature, want_entropy
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, w, targets, lse, ent = ctx.saved_tensors
+        N, chunk, temp = h.shape[0], logprob_chunk_tokens(w.shape[0]), ctx.temperature
+        valid = targets >= 0
+        safe_t = targets.clamp(min=0)
+        g_logp = torch.zeros(N, device=h.device) if g_logp is None else torch.where(valid, g_logp.float(), 0.0)
+        use_ent = ctx.want_entropy and g_ent is not None
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, N, chunk):
+            e = s + chunk
+            z = (h[s:e] @ w.t()).float() / temp                                # (c, V)
+            logp_all = z - lse[s:e, None]
+            p = logp_all.exp()
+            gz = -p * g_logp[s:e, None]                                         # (onehot - p) * g
+            gz.scatter_add_(1, safe_t[s:e, None], g_logp[s:e, None])
+            if use_ent:
+                gz -= p * (logp_all + ent[s:e, None]) * g_ent[s:e, None].float()
+            gz = (gz / temp).to(h.dtype)                                        # d loss / d raw logits
+            if grad_h is not None:
+                grad_h[s:e] = gz @ w
+            if grad_w is not None:
+                grad_w += gz.t().float() @ h[s:e].float()                       # fp32 accumulation over chunks
+        return grad_h, (None if grad_w is None else grad_w.to(w.dtype)), None, None, None
+
+
+def chunked_logprob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h (N, H), weight (V, H), targets (N,) -> logp (N,) fp32, entropy (N,) fp32 or None."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _ChunkedLogProb.apply(h, weight, targets, float(temperature), return_entropy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else \
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # a plain attribute, not a buffer: stays fp32 under .to(bf16) and out of the state dict
+        self.inv_freq = rope_inv_freq(config)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight   # (V, H)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) through the (tied or untied) LM head, in the model dtype."""
+        return F.linear(hidden, self.head_weight)
+
+    def forward(self, input_ids, *, position_ids=None, cu_seqlens=None, cache=None, targets=None,
+                temperature: float = 1.0, return_entropy: bool = False, hidden_only: bool = False):
+        B, T = input_ids.shape
+        dev = input_ids.device
+        doc_bounds = None
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs a packed batch of one row, got input_ids of shape {(B, T)}")
+            cu = [int(c) for c in cu_seqlens.tolist()]          # one host sync per forward
+            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
+            doc_bounds = [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
+            if position_ids is None:                             # positions restart at each document
+                starts = torch.tensor([a for a, b in zip(cu, cu[1:]) for _ in range(b - a)], device=dev)
+                position_ids = (torch.arange(T, device=dev) - starts)[None]
+        if position_ids is None:
+            if cache is not None:
+                raise ValueError("position_ids are required when a cache is given")
+            position_ids = torch.arange(T, device=dev)[None].expand(B, T)
+        if self.inv_freq.device != dev:
+            self.inv_freq = self.inv_freq.to(dev)
+        x = self.embed_tokens(input_ids)                         # (B, T, H)
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2) fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]      # (B, T, 1, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_bounds, cache)
+        h = self.norm(x)                                         # (B, T, H)
+        if hidden_only:
+            return h
+        if targets is None:
+            return self.logits(h)                                # (B, T, V)
+        logp, ent = chunked_logprob(h.reshape(B * T, -1), self.head_weight, targets.reshape(B * T),
+                                    temperature, return_entropy)
+        return logp.view(B, T), (None if ent is None else ent.view(B, T))
+
+
+def hf_name(name: str) -> str:
+    """Our state_dict name -> the HF checkpoint name."""
+    return name if name.startswith("lm_head.") else "model." + name

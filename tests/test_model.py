@@ -1,0 +1,275 @@
+"""Tests for model.py: every number is checked against an independent float64 reference written here
+(explicit loops over heads and positions, its own RoPE and Llama-3 frequency scaling)."""
+import math
+
+import pytest
+import torch
+
+import model as M
+
+torch.set_num_threads(1)
+
+FAMILIES = {
+    "qwen2_bias": dict(architecture="Qwen2ForCausalLM"),
+    "qwen3_qknorm": dict(architecture="Qwen3ForCausalLM"),
+    "llama3_scaled_untied": dict(architecture="LlamaForCausalLM"),
+    "llama_tied_bias": dict(architecture="LlamaForCausalLM", tie_word_embeddings=True, attention_bias=True,
+                            rope_scaling=None),
+}
+
+
+def make_model(seed=0, **cfg):
+    """A tiny random model. Norm weights and biases are randomised too, so that a wrongly ordered
+    norm or a dropped bias changes the logits."""
+    torch.manual_seed(seed)
+    m = M.Transformer(M.ModelConfig.tiny(**cfg))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# naive float64 reference
+
+def naive_inv_freq(c):
+    freqs = [c.rope_theta ** (-(2 * i) / c.head_dim) for i in range(c.head_dim // 2)]
+    s = c.rope_scaling
+    if s is None:
+        return freqs
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        lo_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        hi_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        if wavelen < hi_wl:
+            out.append(f)
+        elif wavelen > lo_wl:
+            out.append(f / s["factor"])
+        else:
+            a = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"])
+            out.append((1 - a) * f / s["factor"] + a * f)
+    return out
+
+
+def naive_logits(m, ids, positions):
+    """ids, positions: lists of ints of one sequence -> (T, V) float64 logits."""
+    c = m.config
+    W = {k: v.detach().double() for k, v in m.state_dict().items()}
+    D, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+    inv = naive_inv_freq(c)
+
+    def rms(v, w):
+        return w * v / torch.sqrt((v * v).mean() + c.rms_norm_eps)
+
+    def rope(vec, p):
+        out = vec.clone()
+        for i in range(D // 2):
+            cs, sn = math.cos(p * inv[i]), math.sin(p * inv[i])
+            out[i] = vec[i] * cs - vec[i + D // 2] * sn
+            out[i + D // 2] = vec[i + D // 2] * cs + vec[i] * sn
+        return out
+
+    def lin(name, v):
+        y = W[name + ".weight"] @ v
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    T = len(ids)
+    x = [W["embed_tokens.weight"][i].clone() for i in ids]
+    for layer in range(c.num_layers):
+        pre = f"layers.{layer}."
+        hs = [rms(v, W[pre + "input_layernorm.weight"]) for v in x]
+        q = [lin(pre + "self_attn.q_proj", h).view(nh, D) for h in hs]
+        k = [lin(pre + "self_attn.k_proj", h).view(nkv, D) for h in hs]
+        v = [lin(pre + "self_attn.v_proj", h).view(nkv, D) for h in hs]
+        if c.qk_norm:
+            q = [torch.stack([rms(r, W[pre + "self_attn.q_norm.weight"]) for r in qt]) for qt in q]
+            k = [torch.stack([rms(r, W[pre + "self_attn.k_norm.weight"]) for r in kt]) for kt in k]
+        q = [torch.stack([rope(r, positions[t]) for r in q[t]]) for t in range(T)]
+        k = [torch.stack([rope(r, positions[t]) for r in k[t]]) for t in range(T)]
+        new_x = []
+        for t in range(T):
+            heads = []
+            for hd in range(nh):
+                g = hd // (nh // nkv)                       # the kv head this query head shares
+                scores = [float(q[t][hd] @ k[s][g]) / math.sqrt(D) for s in range(t + 1)]
+                mx = max(scores)
+                ws = [math.exp(s_ - mx) for s_ in scores]
+                tot = sum(ws)
+                heads.append(sum(w / tot * v[s][g] for s, w in enumerate(ws)))
+            a = x[t] + lin(pre + "self_attn.o_proj", torch.cat(heads))
+            h2 = rms(a, W[pre + "post_attention_layernorm.weight"])
+            gate, up = lin(pre + "mlp.gate_proj", h2), lin(pre + "mlp.up_proj", h2)
+            new_x.append(a + lin(pre + "mlp.down_proj", gate / (1 + torch.exp(-gate)) * up))
+        x = new_x
+    head = W["embed_tokens.weight"] if c.tie_word_embeddings else W["lm_head.weight"]
+    return torch.stack([head @ rms(v, W["norm.weight"]) for v in x])
+
+
+def assert_rel(a, b, tol=1e-5):
+    err = (a.double() - b.double()).abs().max().item()
+    scale = b.double().abs().max().item()
+    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} * {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_naive_reference(family):
+    m = make_model(**FAMILIES[family])
+    ids = torch.randint(0, m.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    out = m(ids)
+    assert out.shape == (2, 7, m.config.vocab_size) and out.dtype == torch.float32
+    for b in range(2):
+        assert_rel(out[b], naive_logits(m, ids[b].tolist(), list(range(7))))
+
+
+def test_family_specific_parameters():
+    q2, q3 = make_model(architecture="Qwen2ForCausalLM"), make_model(architecture="Qwen3ForCausalLM")
+    ll = make_model(architecture="LlamaForCausalLM")
+    n2, n3, nl = set(q2.state_dict()), set(q3.state_dict()), set(ll.state_dict())
+    assert "layers.0.self_attn.q_proj.bias" in n2 and "layers.0.self_attn.o_proj.bias" not in n2
+    assert "layers.0.self_attn.q_norm.weight" in n3 and "layers.0.self_attn.q_proj.bias" not in n3
+    assert q3.layers[0].self_attn.q_proj.weight.shape == (4 * 12, 32)   # head_dim 12 != 32 / 4
+    assert "lm_head.weight" in nl and not any("bias" in n for n in nl)
+    tied = make_model(**FAMILIES["llama_tied_bias"])
+    assert tied.lm_head is None and "layers.1.self_attn.o_proj.bias" in tied.state_dict()
+
+
+def test_llama3_inv_freq_hand_values():
+    # head_dim 8, theta 1e4: base freqs 1, 0.1, 0.01, 0.001 -> wavelengths 6.28, 62.8, 628, 6283.
+    # orig 64, low 1, high 4: 6.28 < 16 kept; 628 and 6283 > 64 divided by 8; 62.8 smoothed with
+    # a = (64 / 62.83 - 1) / 3 = 0.0062: (1 - a) * 0.1 / 8 + a * 0.1 = 0.0130424.
+    inv = M.rope_inv_freq(M.ModelConfig.tiny("LlamaForCausalLM"))
+    a = (64 / (2 * math.pi / 0.1) - 1) / 3
+    expect = torch.tensor([1.0, (1 - a) * 0.0125 + a * 0.1, 0.00125, 0.000125])
+    torch.testing.assert_close(inv, expect, rtol=1e-6, atol=0)
+    assert abs(expect[1].item() - 0.0130424) < 1e-6
+
+
+def test_explicit_position_ids():
+    m = make_model(architecture="LlamaForCausalLM")
+    ids = torch.tensor([[5, 9, 3, 40, 7]])
+    pos = [10, 11, 12, 13, 14]
+    out = m(ids, position_ids=torch.tensor([pos]))
+    assert_rel(out[0], naive_logits(m, ids[0].tolist(), pos))
+
+
+@pytest.mark.parametrize("family", ["qwen2_bias", "qwen3_qknorm"])
+def test_packed_varlen_equals_separate_forwards(family):
+    m = make_model(**FAMILIES[family])
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 97, (n,), generator=g) for n in (3, 5, 1, 4)]
+    packed = torch.cat(docs)[None]
+    cu = torch.tensor([0, 3, 8, 9, 13], dtype=torch.int32)
+    out = m(packed, cu_seqlens=cu)
+    sep = torch.cat([m(d[None])[0] for d in docs])
+    assert_rel(out[0], sep, 1e-6)
+    # hidden_only + logits() is the same computation as the logits path
+    torch.testing.assert_close(m.logits(m(packed, cu_seqlens=cu, hidden_only=True)), out, rtol=0, atol=0)
+
+
+def test_bad_cu_seqlens():
+    m = make_model()
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=4"):
+        m(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="one row"):
+        m(torch.zeros(2, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4]))
+
+
+class NaiveCache:
+    """The smallest cache the protocol allows: keeps every k/v per layer, attends q to all stored keys
+    with a causal mask inside the newly appended block."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def attend(self, layer, q, k, v):                  # q (B, T, nh, D), k/v (B, T, nkv, D)
+        self.k[layer] = torch.cat([self.k[layer], k], 1) if layer in self.k else k
+        self.v[layer] = torch.cat([self.v[layer], v], 1) if layer in self.v else v
+        K, V = self.k[layer], self.v[layer]               # (B, S, nkv, D)
+        rep = q.shape[2] // K.shape[2]
+        K, V = K.repeat_interleave(rep, 2), V.repeat_interleave(rep, 2)
+        T, S = q.shape[1], K.shape[1]
+        scores = torch.einsum("bthd,bshd->bhts", q, K) / math.sqrt(q.shape[-1])
+        mask = torch.arange(S)[None] <= (torch.arange(T)[:, None] + S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), V)
+
+
+@pytest.mark.parametrize("family", ["qwen3_qknorm", "llama3_scaled_untied"])
+def test_cache_hook_decode_matches_full_forward(family):
+    m = make_model(**FAMILIES[family])
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    full = m(ids)
+    cache = NaiveCache()
+    pos = torch.arange(9)[None].expand(2, 9)
+    steps = [m(ids[:, :4], position_ids=pos[:, :4], cache=cache)]          # prefill 4 tokens
+    for t in range(4, 9):                                                  # then decode one at a time
+        steps.append(m(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache))
+    assert_rel(torch.cat(steps, 1), full, 1e-6)
+    with pytest.raises(ValueError, match="position_ids are required"):
+        m(ids, cache=NaiveCache())
+
+
+# ---------------------------------------------------------------------------------------------------
+# config
+
+def hf_config(**over):
+    d = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 1024,
+         "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+         "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+         "rope_scaling": None, "tie_word_embeddings": True, "attention_bias": False,
+         "max_position_embeddings": 40960, "bos_token_id": 151643, "eos_token_id": 151645,
+         "torch_dtype": "bfloat16", "sliding_window": None}
+    d.update(over)
+    return d
+
+
+def test_config_from_hf_families_and_round_trip():
+    c = M.ModelConfig.from_hf(hf_config())
+    assert (c.head_dim, c.qk_norm, c.attention_bias, c.tie_word_embeddings) == (128, True, False, True)
+    assert c.eos_token_ids == (151645,)
+    q2 = M.ModelConfig.from_hf(hf_config(architectures=["Qwen2ForCausalLM"], head_dim=None, hidden_size=3584,
+                                         num_attention_heads=28, num_key_value_heads=4))
+    assert (q2.head_dim, q2.attention_bias, q2.qk_norm, q2.o_bias) == (128, True, False, False)
+    ll = M.ModelConfig.from_hf(hf_config(
+        architectures=["LlamaForCausalLM"], eos_token_id=[128001, 128008, 128009], head_dim=None,
+        hidden_size=3072, num_attention_heads=24, attention_bias=True,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}))
+    assert ll.eos_token_ids == (128001, 128008, 128009) and ll.head_dim == 128 and ll.o_bias
+    assert ll.rope_scaling["factor"] == 32.0
+    for cfg in (c, q2, ll):
+        back = M.ModelConfig.from_hf(cfg.to_hf())
+        assert back == cfg
+    assert c.to_hf()["torch_dtype"] == "bfloat16"       # keys we do not model are carried over
+    # transformers >= 4.5x nests rope settings
+    nested = hf_config(rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    del nested["rope_theta"]
+    assert M.ModelConfig.from_hf(nested).rope_theta == 5e5
+
+
+def test_config_errors_name_the_culprit(tmp_path):
+    with pytest.raises(ValueError, match="unknown architecture 'MistralForCausalLM'"):
+        M.ModelConfig.from_hf(hf_config(architectures=["MistralForCausalLM"]))
+    d = hf_config()
+    del d["num_key_value_heads"]
+    with pytest.raises(KeyError, match="missing required key 'num_key_value_heads'"):
+        M.ModelConfig.from_hf(d)
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        M.ModelConfig.from_hf(hf_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        M.ModelConfig.from_hf(hf_config(use_sliding_window=True))
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: invalid JSON"):
+        M.ModelConfig.from_json(p)
+    p.write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(KeyError, match=r"config.json: missing required key 'vocab_size'"):
+        M.ModelConfig.from_json(p)
