@@ -331,11 +331,11 @@ class _ChunkedLogProb(torch.autograd.Function):
             gz.scatter_add_(1, safe_t[s:e, None], g_logp[s:e, None])
             if use_ent:
                 gz -= p * (logp_all + ent[s:e, None]) * g_ent[s:e, None].float()
-            gz = (gz / temp).to(h.dtype)                                        # d loss / d raw logits
+            gz = gz / temp                                                      # d loss / d raw logits
             if grad_h is not None:
-                grad_h[s:e] = gz @ w
+                grad_h[s:e] = gz.to(h.dtype) @ w
             if grad_w is not None:
-                grad_w += gz.t().float() @ h[s:e].float()                       # fp32 accumulation over chunks
+                grad_w += gz.t() @ h[s:e].float()                               # fp32 accumulation over chunks
         return grad_h, (None if grad_w is None else grad_w.to(w.dtype)), None, None, None
 
 

@@ -273,3 +273,110 @@ def test_config_errors_name_the_culprit(tmp_path):
     p.write_text('{"architectures": ["Qwen2ForCausalLM"]}')
     with pytest.raises(KeyError, match=r"config.json: missing required key 'vocab_size'"):
         M.ModelConfig.from_json(p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunked log-probs / entropy
+
+def full_softmax_reference(h, w, t, temp):
+    """float64 full (N, V) computation: logp of targets (0 where target < 0) and entropy."""
+    z = (h.double() @ w.double().t()) / temp
+    lp = torch.log_softmax(z, -1)
+    logp = torch.where(t >= 0, lp.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    return logp, -(lp.exp() * lp).sum(-1)
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.6])
+def test_chunked_logprob_equals_full_softmax_with_grads(monkeypatch, temp):
+    V, H, N = 97, 16, 23
+    monkeypatch.setattr(M, "LOGPROB_CHUNK_BYTES", 5 * 4 * V)      # 5 tokens per chunk; 23 = 4*5 + 3
+    assert M.logprob_chunk_tokens(V) == 5
+    g = torch.Generator().manual_seed(5)
+    h0, w0 = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    t[[3, 17]] = -100                                              # ignored positions
+    g_lp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    logp, ent = M.chunked_logprob(h, w, t, temp, return_entropy=True)
+    (logp * g_lp + ent * g_ent).sum().backward()
+    hr, wr = h0.double().requires_grad_(), w0.double().requires_grad_()
+    logp_r, ent_r = full_softmax_reference(hr, wr, t, temp)
+    (logp_r * g_lp.double() + ent_r * g_ent.double()).sum().backward()
+
+    assert logp.dtype == ent.dtype == torch.float32
+    assert logp[3] == 0 and logp[17] == 0
+    torch.testing.assert_close(logp.double(), logp_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ent_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-5)
+
+    # logp only (no entropy requested): same logp, gradient of logp alone
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    logp2, ent2 = M.chunked_logprob(h2, w2, t, temp)
+    assert ent2 is None
+    (logp2 * g_lp).sum().backward()
+    hr2 = h0.double().requires_grad_()
+    (full_softmax_reference(hr2, w0, t, temp)[0] * g_lp.double()).sum().backward()
+    torch.testing.assert_close(h2.grad.double(), hr2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_logprob_hand_values():
+    # h = [1], W = [[0], [ln 2], [ln 3]] -> logits 0, ln2, ln3 -> p = 1/6, 2/6, 3/6
+    h, w = torch.tensor([[1.0]]), torch.tensor([[0.0], [math.log(2)], [math.log(3)]])
+    logp, ent = M.chunked_logprob(h, w, torch.tensor([2]), 1.0, return_entropy=True)
+    assert abs(logp.item() - math.log(0.5)) < 1e-6
+    assert abs(ent.item() - (-(1 / 6) * math.log(1 / 6) - (1 / 3) * math.log(1 / 3) - 0.5 * math.log(0.5))) < 1e-6
+    # temperature 2 halves the logits: p proportional to 1, sqrt2, sqrt3
+    logp, _ = M.chunked_logprob(h, w, torch.tensor([0]), 2.0)
+    assert abs(logp.item() - math.log(1 / (1 + math.sqrt(2) + math.sqrt(3)))) < 1e-6
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        M.chunked_logprob(h, w, torch.tensor([0]), 0.0)
+
+
+class ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every new buffer produced by any aten op (forward and backward); views and
+    in-place results (outputs sharing storage with an input) are not new memory and are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in flat_in if isinstance(t, torch.Tensor)}
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:
+                self.shapes.append(tuple(o.shape))
+        return out
+
+
+def test_model_logprob_path_is_memory_bounded_and_exact(monkeypatch):
+    m = make_model(architecture="LlamaForCausalLM")
+    V = m.config.vocab_size
+    monkeypatch.setattr(M, "LOGPROB_CHUNK_BYTES", 8 * 4 * V)      # 8 tokens per chunk
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(6))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    rec = ShapeRecorder()
+    with rec:
+        logp, ent = m(ids, targets=targets, temperature=0.8, return_entropy=True)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+    # every vocab-sized buffer (last dim V) has at most 8 rows, in forward and in backward,
+    # while the full logits would be (80, V)
+    vocab_rows = [math.prod(s[:-1]) for s in rec.shapes if s and s[-1] == V]
+    assert vocab_rows and max(vocab_rows) == 8
+    assert logp.shape == ent.shape == (2, 40)
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    # the same numbers and gradients as the materialised full-softmax path
+    m.zero_grad()
+    lp_full = torch.log_softmax(m(ids).float() / 0.8, -1)
+    ref_logp = torch.where(targets >= 0, lp_full.gather(2, targets.clamp(min=0)[..., None])[..., 0], 0.0)
+    ref_ent = -(lp_full.exp() * lp_full).sum(-1)
+    (ref_logp.sum() + 0.1 * ref_ent.sum()).backward()
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
