@@ -28,12 +28,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 
@@ -410,3 +414,119 @@ class Transformer(nn.Module):
 def hf_name(name: str) -> str:
     """Our state_dict name -> the HF checkpoint name."""
     return name if name.startswith("lm_head.") else "model." + name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints (HF layout: config.json + model.safetensors, or model-0000i-of-0000n.safetensors + index)
+
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX_FILE}: not a valid safetensors index ({e!r})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor {INDEX_FILE} found")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: shard listed in {INDEX_FILE} does not exist")
+    return files
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> Transformer:
+    """Load an HF checkpoint directory. The model is built on the meta device, then given uninitialised
+    storage of `dtype` on `device`, and each tensor is copied from the memory-mapped file straight into
+    its parameter: peak memory is the model plus one tensor, never a second full copy."""
+    path = Path(path)
+    config = ModelConfig.from_json(path / "config.json")
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype).to_empty(device=device)
+    params = {hf_name(n): p for n, p in model.state_dict(keep_vars=True).items()}
+    loaded = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):      # a buffer some old exports contain
+                        continue
+                    if name not in params:
+                        raise ValueError(f"{file}: unexpected tensor {name!r} "
+                                         f"(not a parameter of this {config.architecture} config)")
+                    if name in loaded:
+                        raise ValueError(f"{file}: tensor {name!r} appears in more than one file")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(params[name].shape):
+                        raise ValueError(f"{file}: tensor {name!r} has shape {shape}, "
+                                         f"expected {tuple(params[name].shape)} from config.json")
+                    params[name].copy_(f.get_tensor(name))
+                    loaded.add(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def save_pretrained(model: Transformer, path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                    max_shard_bytes: int = 5_000_000_000, state_dict: dict | None = None) -> None:
+    """Write an HF checkpoint directory that transformers and vLLM load. Everything is written to a
+    temporary sibling directory, fsynced, then renamed over `path`, so a crash never leaves a half
+    checkpoint at `path`. `state_dict` (our names) overrides model.state_dict(), e.g. a full state dict
+    gathered from FSDP shards on rank 0. Tensors are moved to CPU one shard at a time."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {hf_name(k): v.detach() for k, v in (state_dict or model.state_dict()).items()}
+    # greedy shard plan in state-dict order, each shard <= max_shard_bytes (a bigger tensor gets its own)
+    shards, size = [[]], 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: sd[n].to("cpu").contiguous() for n in names}, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in names})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        cfg = model.config.to_hf()
+        cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer_dir is not None:
+            found = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+            if "tokenizer.json" not in found:
+                raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json to copy")
+            for f in found:
+                shutil.copyfile(Path(tokenizer_dir) / f, tmp / f)
+        for f in tmp.iterdir():                                  # durable before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if path.exists():                                        # replace an existing checkpoint
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -380,3 +380,152 @@ def test_model_logprob_path_is_memory_bounded_and_exact(monkeypatch):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+
+HF_NAMES_QWEN3 = {
+    "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+    *(f"model.layers.{i}.{n}" for i in range(2) for n in (
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        "input_layernorm.weight", "post_attention_layernorm.weight"))}
+
+
+def saved_names(path):
+    from safetensors import safe_open
+    names = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            names |= set(fh.keys())
+    return names
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert a.config == b.config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_bit_exact(tmp_path, family):
+    m = make_model(**FAMILIES[family])
+    M.save_pretrained(m, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    back = M.from_pretrained(tmp_path / "ckpt")
+    assert_same_model(m, back)
+    ids = torch.randint(0, 97, (1, 6))
+    assert torch.equal(m(ids), back(ids))
+    names = saved_names(tmp_path / "ckpt")
+    assert ("lm_head.weight" in names) == (not m.config.tie_word_embeddings)
+    assert all(n.startswith("model.") or n == "lm_head.weight" for n in names)
+
+
+def test_hf_names_exact(tmp_path):
+    M.save_pretrained(make_model(architecture="Qwen3ForCausalLM"), tmp_path / "q3")
+    assert saved_names(tmp_path / "q3") == HF_NAMES_QWEN3
+    M.save_pretrained(make_model(architecture="Qwen2ForCausalLM"), tmp_path / "q2")
+    q2 = saved_names(tmp_path / "q2")
+    assert {"model.layers.1.self_attn.q_proj.bias", "model.layers.1.self_attn.k_proj.bias",
+            "model.layers.1.self_attn.v_proj.bias"} <= q2 and "model.layers.1.self_attn.o_proj.bias" not in q2
+
+
+def test_sharded_round_trip_and_dtype(tmp_path):
+    import json
+    m = make_model(architecture="LlamaForCausalLM")
+    total = sum(p.numel() * 4 for p in m.parameters())
+    M.save_pretrained(m, tmp_path / "ckpt", max_shard_bytes=total // 4)
+    files = sorted(p.name for p in (tmp_path / "ckpt").glob("*.safetensors"))
+    assert len(files) >= 4 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "ckpt" / M.INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == total
+    assert set(index["weight_map"]) == saved_names(tmp_path / "ckpt")
+    assert set(index["weight_map"].values()) == set(files)
+    assert_same_model(m, M.from_pretrained(tmp_path / "ckpt"))
+    # bf16 load of an fp32 checkpoint == casting the model; a bf16 save keeps bf16 and says so
+    b = M.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert_same_model(m.to(torch.bfloat16), b)
+    M.save_pretrained(b, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert_same_model(b, M.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16))
+    assert b.inv_freq.dtype == torch.float32                         # RoPE frequencies never rounded
+
+
+def test_save_is_atomic_and_copies_tokenizer(tmp_path, monkeypatch):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text('{"eos_token": "x"}')
+    m = make_model()
+    M.save_pretrained(m, tmp_path / "ckpt", tokenizer_dir=tok)
+    assert (tmp_path / "ckpt" / "tokenizer_config.json").read_text() == '{"eos_token": "x"}'
+    # a crash while writing the second checkpoint leaves the first intact and no temporary files
+    calls = []
+
+    def failing_save(*a, **k):
+        calls.append(1)
+        raise OSError("disk full")
+    monkeypatch.setattr(M, "save_file", failing_save)
+    m2 = make_model(seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        M.save_pretrained(m2, tmp_path / "ckpt")
+    assert calls and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok"]
+    assert_same_model(m, M.from_pretrained(tmp_path / "ckpt"))
+    monkeypatch.undo()
+    M.save_pretrained(m2, tmp_path / "ckpt")                         # overwrite works
+    assert_same_model(m2, M.from_pretrained(tmp_path / "ckpt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok"]
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        M.save_pretrained(m2, tmp_path / "c2", tokenizer_dir=tmp_path)
+
+
+def _resave(path, fn):
+    """Rewrite path/model.safetensors with fn applied to its {name: tensor} dict."""
+    from safetensors.torch import load_file, save_file
+    f = path / "model.safetensors"
+    save_file(fn(load_file(f)), f)
+
+
+def test_load_errors_name_the_culprit(tmp_path):
+    m = make_model(architecture="Qwen2ForCausalLM")
+    ck = tmp_path / "ckpt"
+    M.save_pretrained(m, ck)
+
+    def drop(sd):
+        del sd["model.layers.1.mlp.up_proj.weight"]
+        return sd
+    _resave(ck, drop)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\]"):
+        M.from_pretrained(ck)
+
+    M.save_pretrained(m, ck)
+    _resave(ck, lambda sd: {**sd, "model.layers.0.self_attn.o_proj.bias": torch.zeros(32)})
+    with pytest.raises(ValueError, match="model.safetensors: unexpected tensor 'model.layers.0.self_attn.o_proj.bias'"):
+        M.from_pretrained(ck)
+
+    M.save_pretrained(m, ck)
+    _resave(ck, lambda sd: {**sd, "model.norm.weight": torch.ones(31)})
+    with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' has shape \(31,\), expected \(32,\)"):
+        M.from_pretrained(ck)
+
+    M.save_pretrained(m, ck)
+    raw = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(raw[:-100])                # truncated
+    with pytest.raises(ValueError, match="model.safetensors: corrupt or unreadable safetensors file"):
+        M.from_pretrained(ck)
+    (ck / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + raw[24:])
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        M.from_pretrained(ck)
+
+    M.save_pretrained(m, ck, max_shard_bytes=4000)
+    victim = sorted(ck.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{victim.name}: shard listed in"):
+        M.from_pretrained(ck)
+    (ck / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json: config file not found"):
+        M.from_pretrained(ck)
