@@ -1,0 +1,473 @@
+"""demo.py -- the toy-scale RETU study's ingredients: a synthetic math task, its data splits, a tokenizer, a tiny
+Qwen2 base model, and a resumable stage runner for `retu.py demo`.
+
+The paper post-trains Qwen2.5-7B on R1-style math trajectories. On a 2-core CPU the same study runs on a
+~0.6 M-parameter Qwen2-shaped model and a synthetic task that such a model learns partly in minutes
+(`../shared/reference/demo-notes.md`): multi-digit multiplication written as partial products and their running
+sum, the answer in `\\boxed{}`:
+
+    prompt:   What is $964 \\times 59$?
+    response: 964*9=8676
+              964*50=48200
+              8676+48200=56876
+              The answer is \\boxed{56876}.
+
+Difficulty knob. A *level* fixes the digit counts of the two factors (`DataConfig.levels`, default
+1: 3x1, 2: 3x2, 3: 3x3 digits). A level-k problem takes k partial products and k-1 additions, so harder levels
+mean longer trajectories (as the paper's Hard102K has 4x longer responses than Easy102K) and contain the skills
+of the easier ones (a 3x2 problem's partial products are 3x1 problems). The larger factor always comes first,
+so a problem is the pair (a, b) with a >= b; that pair is the unit of disjointness.
+
+Splits (analogues of the paper's data, Section 5 and Appendix E), disjoint by problem, each level's problems
+drawn from one seeded permutation of that level's problem space in a fixed split order, held-out splits first
+so that changing a pool's size never changes the benchmark, validation or RL sets:
+  * `bench/level{k}.jsonl` {"problem", "answer"}: one "benchmark" per level (GSM8K ... AIME roles);
+  * `val.jsonl` {"prompt", "response"}: the Val-199 role, from the natural (uniform) level mixture;
+  * `rl.jsonl` {"prompt", "answer", "response"}: RL prompts (the MIX37K role); the expert response is there
+    for LUFFY/SRFT/UPT. Deviation: the paper's MIX37K is a subset of SFT889K; here it is disjoint from every
+    SFT pool, so that RL gains are measured on problems SFT never saw;
+  * `sft_{small,easy,uniform,hard,large}.jsonl` {"prompt", "response"}: S1K, Easy/Uniform/Hard102K and
+    SFT889K roles. Deviation: the paper's pools come from overlapping sources; here all pools are disjoint.
+
+Tokenizer: byte-level BPE with Qwen2's pre-tokenizer (every digit its own token), the full 256-byte alphabet
+(so any text round-trips, nothing is silently dropped) plus a few dozen merges learned from the task's text,
+and the ChatML special tokens; `tokenizer_config.json` carries a ChatML chat template and eos `<|im_end|>` as
+Qwen's chat models do.
+
+The study itself is a list of `Stage`s: each is one `retu.py` subcommand run as a subprocess (the real driver,
+not a parallel toy implementation), or an in-process step such as writing the data. `StageRunner` skips a
+stage whose marker file exists, so re-running the demo resumes after the last finished stage.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import model as M
+
+# ----------------------------------------------------------------------------------------------------
+# The task: multiplication with partial products
+
+# Prompt phrasings; one is drawn per problem so the model sees a few ways of asking the same thing.
+PROMPT_TEMPLATES = (
+    "What is ${a} \\times {b}$?",
+    "Compute ${a} \\times {b}$.",
+    "Find the product of {a} and {b}.",
+    "Calculate {a} times {b}.",
+)
+
+
+def factor_range(digits: int, multiplier: bool) -> tuple[int, int]:
+    """Inclusive range of a factor with this many digits. A one-digit multiplier is 2..9: x0 and x1 are trivial."""
+    if digits < 1:
+        raise ValueError(f"a factor needs at least one digit, got {digits}")
+    if digits == 1 and multiplier:
+        return 2, 9
+    return 10 ** (digits - 1), 10**digits - 1
+
+
+def level_space_size(digits: tuple[int, int]) -> int:
+    """How many distinct problems (a, b), a >= b, a level with (digits of a, digits of b) has."""
+    na, nb = digits
+    if na < nb:
+        raise ValueError(f"level digits {digits}: the first factor must have at least as many digits")
+    lo_a, hi_a = factor_range(na, False)
+    lo_b, hi_b = factor_range(nb, True)
+    if na > nb:                                    # every a exceeds every b: a full rectangle of pairs
+        return (hi_a - lo_a + 1) * (hi_b - lo_b + 1)
+    n = hi_a - lo_a + 1                            # same digit count: the triangle a >= b
+    return n * (n + 1) // 2
+
+
+def problem_at(digits: tuple[int, int], index: int) -> tuple[int, int]:
+    """The index-th problem (a, b) of a level's space, 0 <= index < level_space_size(digits)."""
+    na, nb = digits
+    lo_a, hi_a = factor_range(na, False)
+    lo_b, hi_b = factor_range(nb, True)
+    if na > nb:
+        i, j = divmod(index, hi_b - lo_b + 1)
+        return lo_a + i, lo_b + j
+    i = (math.isqrt(8 * index + 1) - 1) // 2       # row of the triangle: i*(i+1)/2 <= index < (i+1)*(i+2)/2
+    j = index - i * (i + 1) // 2
+    return lo_a + i, lo_a + j
+
+
+def expert_trajectory(a: int, b: int) -> str:
+    """R1-style worked solution: one partial product per non-zero digit of b (lowest place first), a running sum,
+    then the answer in \\boxed{}. No spaces inside the arithmetic: each costs a token and carries nothing."""
+    lines, partials = [], []
+    for place, digit in enumerate(reversed(str(b))):
+        if digit == "0":                           # a*0 adds nothing; a person skips it too
+            continue
+        m = int(digit) * 10**place
+        lines.append(f"{a}*{m}={a * m}")
+        partials.append(a * m)
+    total = partials[0]
+    for p in partials[1:]:
+        lines.append(f"{total}+{p}={total + p}")
+        total += p
+    assert total == a * b
+    lines.append(f"The answer is \\boxed{{{total}}}.")
+    return "\n".join(lines)
+
+
+def problem_text(a: int, b: int, template: int) -> str:
+    return PROMPT_TEMPLATES[template].format(a=a, b=b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data splits
+
+@dataclass
+class DataConfig:
+    seed: int = 0
+    # level -> (digits of the larger factor, digits of the multiplier)
+    levels: dict[int, tuple[int, int]] = field(default_factory=lambda: {1: (3, 1), 2: (3, 2), 3: (3, 3)})
+    # level mixtures (weights, normalised) of each SFT pool; the natural distribution is uniform over levels
+    pools: dict[str, tuple[int, dict[int, float]]] = field(default_factory=lambda: {
+        "small": (256, {1: 1, 2: 1, 3: 1}),        # S1K role: few examples, overfits fast
+        "easy": (2048, {1: 2, 2: 1}),              # Easy102K role
+        "uniform": (2048, {1: 1, 2: 1, 3: 1}),     # Uniform102K role
+        "hard": (2048, {2: 1, 3: 2}),              # Hard102K role
+        "large": (8192, {1: 1, 2: 1, 3: 1}),       # SFT889K role
+    })
+    val_size: int = 199                            # Val-199 role, natural mixture
+    rl_size: int = 1024                            # RL prompts (MIX37K role), natural mixture
+    bench_size: int = 200                          # problems per level in each benchmark file
+
+    def __post_init__(self):
+        for name, (size, mix) in self.pools.items():
+            bad = [lv for lv in mix if lv not in self.levels]
+            if bad or size < 0 or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+                raise ValueError(f"DataConfig.pools[{name!r}] = {(size, mix)}: sizes and weights must be >= 0 "
+                                 f"with a positive total, levels among {sorted(self.levels)}")
+        for digits in self.levels.values():
+            level_space_size(digits)               # validates the digit counts
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DataConfig:
+        """Minimum sizes that still exercise every split (`retu.py demo --quick`)."""
+        mixes = cls().pools
+        return cls(seed=seed, pools={k: (min(v[0], 64), v[1]) for k, v in mixes.items()},
+                   val_size=32, rl_size=64, bench_size=16)
+
+
+def mixture_counts(size: int, mix: dict[int, float]) -> dict[int, int]:
+    """Split `size` over levels in proportion to `mix`, by largest remainder, so the counts sum to `size`."""
+    total = sum(mix.values())
+    exact = {lv: size * w / total for lv, w in mix.items()}
+    counts = {lv: int(x) for lv, x in exact.items()}
+    by_remainder = sorted(mix, key=lambda lv: (-(exact[lv] - counts[lv]), lv))
+    for lv in by_remainder[: size - sum(counts.values())]:
+        counts[lv] += 1
+    return counts
+
+
+def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
+    """All splits as lists of JSON records, keyed by their file name relative to the data directory."""
+    natural = {lv: 1.0 for lv in cfg.levels}
+    # Held-out splits first, pools last: a pool's size then never changes what the held-out splits contain.
+    plan: list[tuple[str, str, dict[int, int]]] = []     # (file, kind, problems per level)
+    for lv in sorted(cfg.levels):
+        plan.append((f"bench/level{lv}.jsonl", "bench", {lv: cfg.bench_size}))
+    plan.append(("val.jsonl", "sft", mixture_counts(cfg.val_size, natural)))
+    plan.append(("rl.jsonl", "rl", mixture_counts(cfg.rl_size, natural)))
+    for name, (size, mix) in cfg.pools.items():
+        plan.append((f"sft_{name}.jsonl", "sft", mixture_counts(size, mix)))
+
+    demand = {lv: sum(c.get(lv, 0) for _, _, c in plan) for lv in cfg.levels}
+    order, taken = {}, {lv: 0 for lv in cfg.levels}
+    for lv, digits in sorted(cfg.levels.items()):
+        space = level_space_size(digits)
+        if demand[lv] > space:
+            raise ValueError(f"DataConfig: level {lv} {digits} has {space} distinct problems but the splits ask for "
+                             f"{demand[lv]}; shrink the pools that use it or change its digits")
+        # one seeded permutation per level; each split takes the next block of it
+        order[lv] = np.random.default_rng([cfg.seed, lv]).permutation(space)[: demand[lv]]
+
+    rng = random.Random(cfg.seed)
+    splits: dict[str, list[dict]] = {}
+    for fname, kind, counts in plan:
+        records = []
+        for lv in sorted(counts):
+            for idx in order[lv][taken[lv]: taken[lv] + counts[lv]]:
+                a, b = problem_at(cfg.levels[lv], int(idx))
+                text = problem_text(a, b, rng.randrange(len(PROMPT_TEMPLATES)))
+                answer = str(a * b)
+                if kind == "bench":
+                    records.append({"problem": text, "answer": answer})
+                elif kind == "rl":
+                    records.append({"prompt": text, "answer": answer, "response": expert_trajectory(a, b)})
+                else:
+                    records.append({"prompt": text, "response": expert_trajectory(a, b)})
+            taken[lv] += counts[lv]
+        rng.shuffle(records)                       # levels interleaved, as a real data set would be
+        splits[fname] = records
+    check_disjoint(splits)
+    return splits
+
+
+def record_factors(rec: dict) -> tuple[int, int]:
+    """The problem (a, b) a record asks about, read back from its text (the first two integers)."""
+    text = rec.get("prompt", rec.get("problem"))
+    nums, cur = [], ""
+    for ch in text + " ":
+        if ch.isdigit():
+            cur += ch
+        elif cur:
+            nums.append(int(cur))
+            cur = ""
+    if len(nums) < 2:
+        raise ValueError(f"record {rec!r}: no two factors in its prompt")
+    return nums[0], nums[1]
+
+
+def check_disjoint(splits: dict[str, list[dict]]) -> None:
+    """Raise if any problem (a, b) occurs twice, within one split or across splits."""
+    seen: dict[tuple[int, int], str] = {}
+    for fname, records in splits.items():
+        for i, rec in enumerate(records):
+            key = record_factors(rec)
+            if key in seen:
+                raise ValueError(f"problem {key[0]}x{key[1]} is in both {seen[key]} and {fname} (record {i})")
+            seen[key] = f"{fname} (record {i})"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)                          # atomic: a crash never leaves a half-written split
+
+
+def write_splits(splits: dict[str, list[dict]], data_dir: str | os.PathLike) -> None:
+    for fname, records in splits.items():
+        write_jsonl(Path(data_dir) / fname, records)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")     # Qwen's order and roles
+# Qwen2's pre-tokenizer regex: single digits, words with their leading space, punctuation runs, newlines.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# The plain ChatML template (Qwen's, minus tools and the default system prompt).
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+# Text the driver or a user may add to prompts; merged into few tokens so it costs little context.
+EXTRA_CORPUS = (
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "system", "user", "assistant", "You are a helpful assistant.",
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 384):
+    """Byte-level BPE trained on `texts`, with Qwen2's pre-tokenizer and the ChatML special tokens appended last
+    (ids vocab_size-3 .. vocab_size-1 when the merges fill the budget)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), byte_level])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # the extra text is repeated so that it passes min_frequency and its words become single tokens
+    tok.train_from_iterator(list(texts) + list(EXTRA_CORPUS) * 8, trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def save_tokenizer(tok, out_dir: str | os.PathLike) -> None:
+    """tokenizer.json + a Qwen-style tokenizer_config.json (ChatML template, eos <|im_end|>, pad <|endoftext|>)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+    config = {"tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
+              "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+              "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "added_tokens_decoder": added,
+              "chat_template": CHATML_TEMPLATE, "clean_up_tokenization_spaces": False, "errors": "replace",
+              "model_max_length": 1024, "split_special_tokens": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def tokenizer_corpus(splits: dict[str, list[dict]], per_split: int = 300) -> list[str]:
+    """A deterministic sample of every split's text (prompts and responses) to learn merges from."""
+    texts = []
+    for fname in sorted(splits):
+        for rec in splits[fname][:per_split]:
+            texts.extend(v for k, v in rec.items() if k != "answer")
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Base model
+
+@dataclass
+class BaseModelConfig:
+    """A Qwen2-shaped model of ~0.6 M parameters (demo-notes.md: learns the 3x2 task in minutes on 2 cores)."""
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    init_std: float = 0.02                         # HF's initializer_range for Qwen2
+    seed: int = 0
+
+
+def make_base_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                    cfg: BaseModelConfig | None = None) -> M.ModelConfig:
+    """Random-init Qwen2 model sized by `cfg`, with the vocabulary of the tokenizer in `tokenizer_dir`, saved as
+    an HF checkpoint directory (config.json, model.safetensors, tokenizer files). Returns its config."""
+    import torch
+
+    cfg = cfg or BaseModelConfig()
+    tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    vocab_size = len(tok["model"]["vocab"]) + len(tok["added_tokens"])
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    mc = M.ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+                       rms_norm_eps=1e-6, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+                       attention_bias=True, max_position_embeddings=cfg.max_position_embeddings,
+                       bos_token_id=None, eos_token_ids=(ids["<|im_end|>"], ids["<|endoftext|>"]))
+    torch.manual_seed(cfg.seed)
+    net = M.Transformer(mc)
+    with torch.no_grad():                          # HF's Qwen2 init: N(0, 0.02) weights, zero biases, unit norms
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, cfg.init_std)
+    M.save_pretrained(net, out_dir, tokenizer_dir=tokenizer_dir)
+    return mc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage runner
+
+@dataclass
+class Stage:
+    name: str                                      # unique; also the marker file's name
+    run: Callable[[], None] | list[str]            # an in-process function, or a command run as a subprocess
+    est_s: float = 1.0                             # expected seconds, for the ETA
+
+
+class StageRunner:
+    """Runs stages in order; a finished stage leaves `DIR/stages/<name>.done` (JSON: seconds taken, finish time)
+    and is skipped when the study is run again, so an interrupted demo resumes where it stopped."""
+
+    def __init__(self, out_dir: str | os.PathLike, log: Callable[[str], None] = print):
+        self.marker_dir = Path(out_dir) / "stages"
+        self.log = log
+
+    def marker(self, stage: Stage) -> Path:
+        return self.marker_dir / f"{stage.name}.done"
+
+    def is_done(self, stage: Stage) -> bool:
+        return self.marker(stage).exists()
+
+    def run(self, stages: list[Stage]) -> None:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique: {names}")
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        todo = [s for s in stages if not self.is_done(s)]
+        skipped = len(stages) - len(todo)
+        if skipped:
+            self.log(f"[demo] {skipped} of {len(stages)} stages already done, skipped")
+        left_est = sum(s.est_s for s in todo)
+        t_start, est_done = time.time(), 0.0
+        for k, stage in enumerate(todo):
+            elapsed = time.time() - t_start
+            # scale the remaining estimate by how fast the finished stages went compared to their estimates
+            speed = elapsed / est_done if est_done > 0 else 1.0
+            eta = (left_est - est_done) * speed
+            self.log(f"[demo] stage {skipped + k + 1}/{len(stages)} {stage.name} | elapsed {fmt_s(elapsed)} "
+                     f"| ETA {fmt_s(eta)}")
+            t0 = time.time()
+            if callable(stage.run):
+                stage.run()
+            else:
+                proc = subprocess.run(stage.run)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"stage {stage.name} failed (exit {proc.returncode}): {' '.join(stage.run)}")
+            seconds = time.time() - t0
+            tmp = self.marker(stage).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 3), "finished": time.time()}))
+            os.replace(tmp, self.marker(stage))
+            est_done += stage.est_s
+        self.log(f"[demo] all {len(stages)} stages done in {fmt_s(time.time() - t_start)}")
+
+
+def fmt_s(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preparation: data, tokenizer, base model
+
+def prepare_stages(out_dir: str | os.PathLike, data_cfg: DataConfig, model_cfg: BaseModelConfig) -> list[Stage]:
+    """The stages that make the study's inputs: `DIR/data/...`, `DIR/tokenizer/`, `DIR/base/`."""
+    out = Path(out_dir)
+
+    def data():
+        splits = build_splits(data_cfg)
+        write_splits(splits, out / "data")
+        (out / "data" / "config.json").write_text(json.dumps(asdict(data_cfg), indent=2) + "\n")
+
+    def tokenizer():
+        splits = {}
+        for path in sorted((out / "data").rglob("*.jsonl")):
+            with open(path) as f:
+                splits[str(path.relative_to(out / "data"))] = [json.loads(line) for line in f]
+        tmp = out / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tokenizer(train_tokenizer(tokenizer_corpus(splits)), tmp)
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        os.replace(tmp, out / "tokenizer")
+
+    def base():
+        make_base_model(out / "base", out / "tokenizer", model_cfg)
+
+    return [Stage("data", data, 2.0), Stage("tokenizer", tokenizer, 2.0), Stage("base_model", base, 2.0)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the toy study's data, tokenizer and base model.")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="minimum sizes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    data_cfg = DataConfig.quick(args.seed) if args.quick else DataConfig(seed=args.seed)
+    StageRunner(args.out).run(prepare_stages(args.out, data_cfg, BaseModelConfig(seed=args.seed)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
