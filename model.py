@@ -530,3 +530,39 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, tokenizer_di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs (paper Appendix C == verl FlopsCounter._estimate_qwen2_flops at 59049a66)
+
+def _matmul_params(c: ModelConfig) -> int:
+    """N: parameters that take part in matmuls, per verl: MLP, q/k/v/o, embedding AND lm_head (2VH, even
+    when tied). Biases, norms, softmax and RoPE are not counted."""
+    attn = c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
+    return c.num_layers * (3 * c.hidden_size * c.intermediate_size + attn) + 2 * c.vocab_size * c.hidden_size
+
+
+def flops_per_token(config: ModelConfig, seq_len: float) -> float:
+    """Forward FLOPs per token of a length-`seq_len` sequence: 2N + 4 S L n_h d (attention counted in
+    full, no causal halving, as in the paper). The paper plugs in the dataset-mean length S."""
+    c = config
+    return 2 * _matmul_params(c) + 4 * seq_len * c.num_layers * c.num_heads * c.head_dim
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: float) -> float:
+    """Forward + backward = 3x forward (paper Appendix C)."""
+    return 3 * flops_per_token(config, seq_len)
+
+
+def sft_flops(config: ModelConfig, batch_size: int, mean_len: float, steps: int) -> float:
+    """Paper's SFT compute: B * S * 3 F_fwd(S) * steps, with S the dataset-mean prompt+response length."""
+    return batch_size * mean_len * train_flops_per_token(config, mean_len) * steps
+
+
+def flops_for_lengths(config: ModelConfig, seq_lens, training: bool = True) -> float:
+    """FLOPs of a batch of actual sequence lengths, verl-style: (6 or 2) N sum s + (12 or 4) L n_h d sum s^2.
+    Equal to sft_flops when all lengths are equal; larger than the mean-length estimate otherwise."""
+    c, mult = config, (3 if training else 1)
+    s1 = sum(int(s) for s in seq_lens)
+    s2 = sum(int(s) ** 2 for s in seq_lens)
+    return mult * (2 * _matmul_params(c) * s1 + 4 * s2 * c.num_layers * c.num_heads * c.head_dim)

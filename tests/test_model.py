@@ -529,3 +529,43 @@ def test_load_errors_name_the_culprit(tmp_path):
     (ck / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json: config file not found"):
         M.from_pretrained(ck)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs
+
+QWEN25_7B = M.ModelConfig.from_hf({
+    "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6, "max_position_embeddings": 131072, "tie_word_embeddings": False})
+
+
+def test_flops_per_token_hand_values():
+    # N = 28 * (3*3584*18944 + 3584*(2*3584 + 2*512)) + 2*152064*3584
+    #   = 28 * (203,685,888 + 29,360,128) + 1,089,994,752 = 7,615,283,200
+    n = 28 * (3 * 3584 * 18944 + 3584 * (2 * 3584 + 2 * 512)) + 2 * 152064 * 3584
+    assert n == 7_615_283_200
+    # F_fwd(S) = 2N + 4 * S * 28 * 3584 = 15.231e9 + 401,408 * S
+    assert M.flops_per_token(QWEN25_7B, 0) == 2 * n
+    assert M.flops_per_token(QWEN25_7B, 3771) == 2 * n + 401_408 * 3771
+    assert abs(M.flops_per_token(QWEN25_7B, 3771) / 1e9 - 16.744) < 1e-3
+    assert M.train_flops_per_token(QWEN25_7B, 100) == 3 * M.flops_per_token(QWEN25_7B, 100)
+
+
+@pytest.mark.parametrize("batch,steps,mean_len,exaflops", [
+    (512, 360, 3771, 34.915), (512, 360, 2217, 19.762), (512, 360, 3747, 34.673),
+    (512, 360, 8633, 89.249), (16, 62, 10011, 0.573)])
+def test_sft_flops_reproduce_paper_table4(batch, steps, mean_len, exaflops):
+    assert abs(M.sft_flops(QWEN25_7B, batch, mean_len, steps) / 1e18 - exaflops) < 1e-3
+
+
+def test_flops_for_lengths_sums_per_sequence():
+    cfg = QWEN25_7B
+    # equal lengths: identical to the mean-length formula
+    assert M.flops_for_lengths(cfg, [1000] * 4) == pytest.approx(4 * 1000 * M.train_flops_per_token(cfg, 1000))
+    # unequal: sum of per-sequence costs; attention term uses sum s^2 (> mean-length estimate)
+    lens = [100, 3000]
+    expect = sum(s * M.train_flops_per_token(cfg, s) for s in lens)
+    assert M.flops_for_lengths(cfg, lens) == pytest.approx(expect, rel=1e-12)
+    assert M.flops_for_lengths(cfg, lens) > 2 * 1550 * M.train_flops_per_token(cfg, 1550)
+    assert M.flops_for_lengths(cfg, lens, training=False) == pytest.approx(expect / 3, rel=1e-12)
