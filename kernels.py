@@ -201,6 +201,7 @@ def decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     block_n: int = 64,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query token per sequence, grouped-query.
 
@@ -209,6 +210,8 @@ def decode_attention(
     seq_lens: (B,) int                           row b attends to positions [0, seq_lens[b]) of its slot (>= 1)
     slot_ids: (B,) int or None                   the slot row b reads; None means slot b (rows 0..B-1)
     max_len:  host-side upper bound on seq_lens (saves a device sync when given)
+    attn_bias: optional (B, 1, 1, max_len) fp32 additive mask (0 where position < seq_len, -inf after) that a
+              caller attending many layers at the same lengths builds once; only the torch path reads it
     returns   (B, n_heads, D) in q's dtype
 
     Query head h reads kv head h // (n_heads // n_kv_heads), as in HF's repeat_kv.
@@ -227,10 +230,11 @@ def decode_attention(
         raise ValueError(f"decode_attention: max_len {max_len} exceeds the cache length {S_max}")
     if triton_enabled(q, k_cache, v_cache, seq_lens):
         return _decode_attention_triton(q, k_cache, v_cache, seq_lens, slot_ids, max_len, scale, num_splits, block_n)
-    return decode_attention_torch(q, k_cache, v_cache, seq_lens, slot_ids=slot_ids, max_len=max_len, scale=scale)
+    return decode_attention_torch(q, k_cache, v_cache, seq_lens, slot_ids=slot_ids, max_len=max_len, scale=scale,
+                                  attn_bias=attn_bias)
 
 
-def decode_attention_torch(q, k_cache, v_cache, seq_lens, *, slot_ids=None, max_len=None, scale=None):
+def decode_attention_torch(q, k_cache, v_cache, seq_lens, *, slot_ids=None, max_len=None, scale=None, attn_bias=None):
     """Reference decode attention with torch ops. Reads only the first max_len cache positions."""
     B, H, D = q.shape
     KV = k_cache.shape[1]
@@ -242,8 +246,12 @@ def decode_attention_torch(q, k_cache, v_cache, seq_lens, *, slot_ids=None, max_
         k, v = k_cache[slot_ids, :, :L], v_cache[slot_ids, :, :L]
     qg = q.view(B, KV, H // KV, D)  # (B, KV, G, D): the G query heads that share one kv head
     s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, KV, G, L)
-    valid = torch.arange(L, device=q.device) < seq_lens.view(B, 1, 1, 1)  # (B, 1, 1, L)
-    p = torch.softmax(s.masked_fill_(~valid, float("-inf")), dim=-1).to(v.dtype)
+    if attn_bias is None:
+        valid = torch.arange(L, device=q.device) < seq_lens.view(B, 1, 1, 1)  # (B, 1, 1, L)
+        s = s.masked_fill_(~valid, float("-inf"))
+    else:
+        s = s + attn_bias
+    p = torch.softmax(s, dim=-1).to(v.dtype)
     return torch.matmul(p, v).view(B, H, D)
 
 

@@ -1,0 +1,432 @@
+"""rollout.py -- batched, KV-cached sampling in-process: the generation engine of every RL step.
+
+    from rollout import generate
+    outs = generate(model, [[1, 2, 3], [4, 5]], n=8, max_new_tokens=512, temperature=0.7, seed=0)
+    outs[0].prompt_index, outs[0].token_ids, outs[0].logprobs, outs[0].finish_reason   # "stop" | "length"
+
+The sampler uses the very model object that is trained (only through `model(...)` with the cache hook and
+`model.logits`), so there is no weight sync and no format translation; under FSDP2 the caller unshards first.
+The design follows nano-vllm and gpt-fast, minus paging and CUDA graphs:
+
+* **KV cache**: one tensor (layers, 2, slots, kv_heads, S, head_dim), allocated once per call. S is the
+  longest prompt + max_new_tokens - 1 (capped by the context); the number of slots is min(max_batch, samples,
+  kv_cache_bytes // bytes per slot). Contiguous slots waste memory on short responses compared with a paged
+  pool, but keep decode attention a plain strided read.
+* **Prefix sharing**: every prompt is prefilled exactly once. Its K/V are written straight into the slots of
+  all of its samples admitted at that moment; if some of its `n` samples must wait for a free slot, one copy
+  of the prompt's K/V (and its last-position logits) is kept and copied into their slots when they start.
+* **Varlen prefill**: the prompts being admitted are packed into one (1, N) row, so every linear layer sees
+  exactly N tokens (no padding); attention runs causally per prompt.
+* **Continuous batching**: a decode step runs over slots [0, hi). A finished sequence frees its slot, which is
+  refilled from the waiting queue before the next step (new prompts are prefilled on the way in). When only a
+  tail of long responses is left and live slots have become sparse, they are compacted into the low slots, so
+  the cost of a step follows the live batch, not the batch we started with.
+* **Decode attention**: `kernels.decode_attention` (Triton split-K flash-decoding with GQA) on CUDA; on CPU a
+  torch path that reuses one additive length mask for all layers of a step.
+* **Sampling on device**: temperature, then top-k, then top-p (the order of vLLM and HF), then the
+  exponential-race form of Gumbel-max (argmax log p - log E, E ~ Exp(1)) with a seeded torch.Generator; the
+  only host syncs per step are reading the new tokens when stop tokens are set (lengths are tracked on host).
+
+Log-probs: each returned log-prob is log q(token), where q is the distribution the token was drawn from:
+softmax(logits / T) restricted to the top-k / top-p set and renormalised. With top_k = 0 and top_p = 1 (the
+RL default) this equals the trainer's `model(..., targets, temperature=T)` log-prob; with truncation it
+differs by the log of the kept mass (the "log(S) bias" of vllm#42259), which is what the caller asked for.
+Temperature 0 is greedy; its log-probs are those of the untempered model (T = 1), since the point mass
+that greedy decoding "samples" from would carry no information.
+
+Seeded runs are reproducible for the same inputs and settings (same seed, same prompts, same max_batch). The
+random stream is shared by the batch, so a different batch composition gives different (equally valid) samples.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Completion:
+    prompt_index: int           # index into the `prompts` list
+    sample_index: int           # 0 .. n-1 among the samples of that prompt
+    token_ids: list[int]        # generated tokens, including the stop token when one was hit
+    logprobs: list[float]       # log q(token) under the distribution it was sampled from (see module docstring)
+    finish_reason: str          # "stop" (a stop token was generated) or "length" (max_new_tokens or context full)
+
+
+@dataclass
+class SamplingConfig:
+    """Everything `generate` accepts besides the model and the prompts; validated on construction."""
+    max_new_tokens: int
+    n: int = 1                              # samples per prompt (GRPO's group size)
+    temperature: float = 1.0                # 0 = greedy
+    top_p: float = 1.0                      # nucleus: keep the most likely tokens up to this mass, in (0, 1]
+    top_k: int = 0                          # keep the k most likely tokens; 0 = all
+    stop_token_ids: tuple[int, ...] = ()    # generating one of these ends the sequence (it is kept)
+    seed: int | None = None                 # None: a fresh random seed
+    max_batch: int = 256                    # decode slots, i.e. sequences generated concurrently
+    kv_cache_bytes: int | None = None       # KV cache budget; None: half the free GPU memory, or 4 GiB on CPU
+    max_prefill_tokens: int = 16384         # prompt tokens per packed prefill forward (a longer prompt runs alone)
+    stats: dict | None = field(default=None, repr=False)   # if a dict is given, counters are written into it
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an int >= 1"),
+            (isinstance(self.n, int) and self.n >= 1, "n (samples per prompt) must be an int >= 1"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 = no top-k)"),
+            (isinstance(self.max_batch, int) and self.max_batch >= 1, "max_batch must be an int >= 1"),
+            (self.max_prefill_tokens >= 1, "max_prefill_tokens must be >= 1"),
+            (self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                name = msg.split()[0]
+                raise ValueError(f"rollout.generate: {msg}, got {name}={getattr(self, name)!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> (tokens (B,) long, logprobs (B,) fp32) without leaving the device."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    z = logits / temperature                                        # (B, V)
+    order = None
+    if top_k > 0 or top_p < 1:
+        z, order = z.sort(dim=-1, descending=True)                  # filter in sorted order, map back at the end
+        if 0 < top_k < z.shape[-1]:
+            z[:, top_k:] = float("-inf")
+        if top_p < 1:
+            p = torch.softmax(z, -1)
+            # drop a token once the more likely ones already hold top_p of the mass (the first always stays)
+            z = z.masked_fill(p.cumsum(-1) - p >= top_p, float("-inf"))
+    logp = torch.log_softmax(z, -1)                                 # the renormalised distribution we sample
+    race = torch.empty_like(logp).exponential_(generator=generator)
+    idx = (logp - race.log_()).argmax(-1)                           # P(idx = i) = exp(logp_i): Gumbel-max
+    lp = logp.gather(-1, idx[:, None])[:, 0]
+    tok = idx if order is None else order.gather(-1, idx[:, None])[:, 0]
+    return tok, lp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache: the object the model calls back into (model.py's `cache.attend(layer_idx, q, k, v)` protocol)
+
+
+class KVCache:
+    """Preallocated K/V slots plus the metadata of the forward in flight ("prefill" or "decode")."""
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        # (layers, k|v, slots, kv_heads, S, D): one slot row is contiguous per head, as decode attention reads it
+        self.kv = torch.empty((num_layers, 2, slots, kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        self.k = [self.kv[i, 0] for i in range(num_layers)]  # per-layer (slots, kv_heads, S, D) views
+        self.v = [self.kv[i, 1] for i in range(num_layers)]
+        self.triton = kernels.triton_enabled(self.kv)
+        self.mode = ""
+
+    def set_prefill(self, bounds: list[tuple[int, int]], dst_slot: torch.Tensor, dst_pos: torch.Tensor,
+                    src: torch.Tensor, saves: dict[int, tuple[int, int, torch.Tensor]]):
+        """Packed prompts occupy [s, e) of the row; token src[i] goes to slot dst_slot[i], position dst_pos[i];
+        saves[p] = (s, e, buffer (layers, 2, kv_heads, e - s, D)) keeps prompt p's K/V for later samples."""
+        self.mode, self.bounds, self.dst_slot, self.dst_pos, self.src, self.saves = \
+            "prefill", bounds, dst_slot, dst_pos, src, saves
+
+    def set_decode(self, pos: torch.Tensor, max_len: int):
+        """Row b is slot b; its new token goes to position pos[b] and it attends to [0, pos[b]]."""
+        self.mode, self.pos, self.max_len = "decode", pos, max_len
+        self.rows = torch.arange(pos.shape[0], device=pos.device)
+        self.seq_lens = pos + 1
+        self.bias = None
+        if not self.triton:  # one additive mask for all layers of this step
+            valid = torch.arange(max_len, device=pos.device) < self.seq_lens[:, None]
+            self.bias = torch.zeros(valid.shape, device=pos.device).masked_fill_(~valid, float("-inf"))[:, None, None]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, T, n_heads, D), k/v (B, T, n_kv_heads, D) -> (B, T, n_heads, D)."""
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        if self.mode == "decode":  # T == 1, B == rows
+            kc[self.rows, :, self.pos] = k[:, 0]
+            vc[self.rows, :, self.pos] = v[:, 0]
+            o = kernels.decode_attention(q[:, 0], kc, vc, self.seq_lens, max_len=self.max_len, attn_bias=self.bias)
+            return o.unsqueeze(1)
+        # prefill: B == 1, packed prompts
+        kc[self.dst_slot, :, self.dst_pos] = k[0, self.src]  # (M, kv_heads, D) into every admitted sample's slot
+        vc[self.dst_slot, :, self.dst_pos] = v[0, self.src]
+        for s, e, buf in self.saves.values():
+            buf[layer_idx, 0] = k[0, s:e].transpose(0, 1)
+            buf[layer_idx, 1] = v[0, s:e].transpose(0, 1)
+        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (heads, N, D)
+        o = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True,
+                                                      enable_gqa=True) for s, e in self.bounds], dim=1)
+        return o.transpose(0, 1).unsqueeze(0)  # (1, N, n_heads, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+def generate(model, prompts, *, max_new_tokens: int, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, stop_token_ids=(), seed: int | None = None, max_batch: int = 256,
+             kv_cache_bytes: int | None = None, max_prefill_tokens: int = 16384,
+             stats: dict | None = None) -> list[Completion]:
+    """Sample `n` completions for each prompt (lists of token ids). Returns len(prompts) * n Completions
+    ordered by (prompt_index, sample_index). See the module docstring and `SamplingConfig` for the arguments."""
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                         stop_token_ids=tuple(stop_token_ids), seed=seed, max_batch=max_batch,
+                         kv_cache_bytes=kv_cache_bytes, max_prefill_tokens=max_prefill_tokens, stats=stats)
+    prompts = _check_prompts(prompts, model.config)
+    for t in cfg.stop_token_ids:
+        if not 0 <= t < model.config.vocab_size:
+            raise ValueError(f"rollout.generate: stop token id {t} is outside the vocabulary [0, "
+                             f"{model.config.vocab_size})")
+    with torch.no_grad():  # not inference_mode: FSDP2 may unshard parameters inside the forward
+        return _Engine(model, prompts, cfg).run()
+
+
+def _check_prompts(prompts, config) -> list[list[int]]:
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("rollout.generate: prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+            raise ValueError(f"rollout.generate: prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+        if len(p) == 0:
+            raise ValueError(f"rollout.generate: prompts[{i}] is empty")
+        if len(p) >= config.max_position_embeddings:
+            raise ValueError(f"rollout.generate: prompts[{i}] has {len(p)} tokens but the model's context "
+                             f"(max_position_embeddings) is {config.max_position_embeddings}; no room to generate")
+        p = [int(t) for t in p]
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"rollout.generate: prompts[{i}] has token id {bad[0]} outside the vocabulary "
+                             f"[0, {config.vocab_size})")
+        out.append(p)
+    return out
+
+
+class _Engine:
+    """State of one `generate` call. Host lists mirror the device tensors that the decode step reads."""
+
+    def __init__(self, model, prompts: list[list[int]], cfg: SamplingConfig):
+        self.model, self.prompts, self.cfg = model, prompts, cfg
+        c = model.config
+        w = model.embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.ctx = c.max_position_embeddings
+        max_p = max(len(p) for p in prompts)
+        # positions fed to the model: the prompt plus all generated tokens but the last
+        self.max_len = min(max_p + cfg.max_new_tokens - 1, self.ctx - 1)
+        slot_bytes = c.num_layers * 2 * c.num_kv_heads * self.max_len * c.head_dim * w.element_size()
+        budget = cfg.kv_cache_bytes
+        if budget is None:
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 4 * 2**30
+        self.slots = min(cfg.max_batch, len(prompts) * cfg.n, budget // slot_bytes)
+        if self.slots < 1:
+            raise ValueError(f"rollout.generate: kv_cache_bytes={budget} cannot hold one sequence of "
+                             f"{self.max_len} positions ({slot_bytes} bytes); raise it or lower max_new_tokens")
+        self.cache = KVCache(c.num_layers, self.slots, c.num_kv_heads, self.max_len, c.head_dim, self.dtype,
+                             self.device)
+        self.gen = torch.Generator(device=self.device)
+        if cfg.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(cfg.seed)
+        dev, S, N = self.device, self.slots, cfg.max_new_tokens
+        # device state per slot
+        self.tokens_in = torch.zeros(S, dtype=torch.long, device=dev)  # last sampled token, fed next step
+        self.pos = torch.zeros(S, dtype=torch.long, device=dev)        # its position (= cached positions)
+        self.live = torch.zeros(S, dtype=torch.long, device=dev)       # 1 for a live slot, 0 for a free one
+        self.count = torch.zeros(S, dtype=torch.long, device=dev)      # tokens generated so far
+        self.out_tok = torch.zeros((S, N), dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros((S, N), dtype=torch.float32, device=dev)
+        # host state per slot
+        self.seq: list[tuple[int, int] | None] = [None] * S            # (prompt, sample) in the slot
+        self.h_pos = [0] * S
+        self.h_count = [0] * S
+        self.free = list(range(S))                                     # a heap: refill the lowest slot first
+        self.queue = deque((p, j) for p in range(len(prompts)) for j in range(cfg.n))
+        self.waiting = [cfg.n] * len(prompts)                          # samples of each prompt not yet started
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> (K/V copy, last logits)
+        self.results: dict[tuple[int, int], Completion] = {}
+        self.stop = set(cfg.stop_token_ids)
+        self.stats = cfg.stats if cfg.stats is not None else {}
+        self.stats.update(slots=S, prefill_forwards=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
+                          started=0, refills=0, compactions=0)
+
+    def run(self) -> list[Completion]:
+        while self.queue or len(self.free) < self.slots:
+            if self.queue and self.free:
+                self._admit()
+                continue  # admission may finish sequences at once (stop token first, max_new_tokens == 1)
+            self._compact_if_sparse()
+            self._decode_step()
+        return [self.results[(p, j)] for p in range(len(self.prompts)) for j in range(self.cfg.n)]
+
+    # -- admission: prefill new prompts, hand out slots, sample the first token -----------------------------------
+
+    def _admit(self):
+        take = [self.queue.popleft() for _ in range(min(len(self.free), len(self.queue)))]
+        slots = [heapq.heappop(self.free) for _ in take]
+        for p, _ in take:
+            self.waiting[p] -= 1
+        if self.stats["decode_steps"] > 0:
+            self.stats["refills"] += len(take)
+        self.stats["started"] += len(take)
+        slots_of: dict[int, list[int]] = {}
+        for (p, _), s in zip(take, slots):
+            slots_of.setdefault(p, []).append(s)
+        last_logits: dict[int, torch.Tensor] = {}
+        new = [p for p in slots_of if p not in self.saved]
+        for group in self._prefill_groups(new):
+            last_logits.update(self._prefill(group, slots_of))
+        for p, ss in slots_of.items():
+            if p in self.saved and p not in new:  # started earlier: copy its kept K/V into the new slots
+                buf, logits = self.saved[p]
+                for s in ss:
+                    self.cache.kv[:, :, s, :, :buf.shape[3]] = buf
+                last_logits[p] = logits
+            if self.waiting[p] == 0:
+                self.saved.pop(p, None)
+        # first token of every started sample, from its prompt's last-position logits
+        tok, lp = sample(torch.stack([last_logits[p] for p, _ in take]), self.cfg.temperature, self.cfg.top_k,
+                         self.cfg.top_p, self.gen)
+        idx = torch.tensor(slots, device=self.device)
+        plen = [len(self.prompts[p]) for p, _ in take]
+        self.tokens_in[idx] = tok
+        self.pos[idx] = torch.tensor(plen, device=self.device)
+        self.live[idx] = 1
+        self.count[idx] = 1
+        self.out_tok[idx, 0] = tok
+        self.out_lp[idx, 0] = lp
+        for (p, j), s, n_p in zip(take, slots, plen):
+            self.seq[s], self.h_pos[s], self.h_count[s] = (p, j), n_p, 1
+        self._finish_check(slots, tok.tolist() if self.stop else None)
+
+    def _prefill_groups(self, new: list[int]) -> list[list[int]]:
+        groups, cur, size = [], [], 0
+        for p in new:
+            if cur and size + len(self.prompts[p]) > self.cfg.max_prefill_tokens:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += len(self.prompts[p])
+        return groups + [cur] if cur else groups
+
+    def _prefill(self, group: list[int], slots_of: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """One packed forward over the prompts in `group`; returns their last-position logits."""
+        c, dev = self.model.config, self.device
+        ids, positions, bounds, dst_slot, dst_pos, src, saves = [], [], [], [], [], [], {}
+        off = 0
+        for p in group:
+            toks = self.prompts[p]
+            P = len(toks)
+            ids += toks
+            positions += range(P)
+            bounds.append((off, off + P))
+            for s in slots_of[p]:
+                dst_slot += [s] * P
+                dst_pos += range(P)
+                src += range(off, off + P)
+            if self.waiting[p] > 0:  # samples still queued: keep one copy of the prompt's K/V for them
+                saves[p] = (off, off + P, torch.empty((c.num_layers, 2, c.num_kv_heads, P, c.head_dim),
+                                                      dtype=self.dtype, device=dev))
+            off += P
+        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        self.cache.set_prefill(bounds, as_t(dst_slot), as_t(dst_pos), as_t(src), saves)
+        h = self.model(as_t(ids)[None], position_ids=as_t(positions)[None], cache=self.cache, hidden_only=True)
+        logits = self.model.logits(h[0, as_t([e - 1 for _, e in bounds])])  # (len(group), V)
+        self.stats["prefill_forwards"] += 1
+        self.stats["prefill_tokens"] += off
+        for p, (_, _, buf) in saves.items():
+            self.saved[p] = (buf, logits[group.index(p)])
+        return dict(zip(group, logits))
+
+    # -- decode -------------------------------------------------------------------------------------------------
+
+    def _decode_step(self):
+        live = [s for s in range(self.slots) if self.seq[s] is not None]
+        hi = live[-1] + 1  # rows [0, hi); free slots below hi ride along with harmless writes at position 0
+        self.cache.set_decode(self.pos[:hi], max(self.h_pos[s] for s in live) + 1)
+        h = self.model(self.tokens_in[:hi, None], position_ids=self.pos[:hi, None], cache=self.cache,
+                       hidden_only=True)                                              # (hi, 1, H)
+        tok, lp = sample(self.model.logits(h[:, 0]), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
+                         self.gen)                                                    # (hi,), (hi,)
+        rows = self.cache.rows
+        self.out_tok[rows, self.count[:hi]] = tok
+        self.out_lp[rows, self.count[:hi]] = lp
+        self.tokens_in[:hi] = tok
+        self.pos[:hi] += self.live[:hi]
+        self.count[:hi] += self.live[:hi]
+        for s in live:
+            self.h_pos[s] += 1
+            self.h_count[s] += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += hi
+        # the one per-step host sync, and only when stop tokens are set: read the new tokens
+        newest = tok.tolist() if self.stop else None
+        self._finish_check(live, None if newest is None else [newest[s] for s in live])
+
+    def _finish_check(self, slots: list[int], newest: list[int] | None):
+        """Retire the sequences in `slots` that hit a stop token, max_new_tokens or the context.
+        `newest[i]` is the token slot `slots[i]` just generated (None when no stop tokens are set)."""
+        done = []
+        for i, s in enumerate(slots):
+            if newest is not None and newest[i] in self.stop:
+                done.append((s, "stop"))
+            elif self.h_count[s] >= self.cfg.max_new_tokens or self.h_pos[s] + 1 >= self.ctx:
+                done.append((s, "length"))
+        if not done:
+            return
+        idx = torch.tensor([s for s, _ in done], device=self.device)
+        out_tok, out_lp = self.out_tok[idx].tolist(), self.out_lp[idx].tolist()
+        for (s, reason), t, lp in zip(done, out_tok, out_lp):
+            k = self.h_count[s]
+            p, j = self.seq[s]
+            self.results[(p, j)] = Completion(p, j, t[:k], lp[:k], reason)
+            self.seq[s] = None
+            heapq.heappush(self.free, s)
+        self.live[idx] = 0
+        self.pos[idx] = 0   # free rows ride along in decode steps: keep their writes at position 0
+        self.count[idx] = 0
+
+    def _compact_if_sparse(self):
+        """With nothing left to admit, move live sequences from high slots into free low ones once fewer than
+        half the rows of a step are live, so the long tail runs at its real batch size."""
+        if self.queue:
+            return
+        live = [s for s in range(self.slots) if self.seq[s] is not None]
+        hi = live[-1] + 1
+        if len(live) > hi // 2:
+            return
+        holes = [s for s in range(len(live)) if self.seq[s] is None]
+        movers = [s for s in live if s >= len(live)]
+        src = torch.tensor(movers, device=self.device)
+        dst = torch.tensor(holes, device=self.device)
+        L = max(self.h_pos[s] for s in movers)
+        self.cache.kv[:, :, dst, :, :L] = self.cache.kv[:, :, src, :, :L]
+        for t in (self.tokens_in, self.pos, self.live, self.count, self.out_tok, self.out_lp):
+            t[dst] = t[src]
+        self.live[src] = 0
+        self.pos[src] = 0
+        self.count[src] = 0
+        for a, b in zip(movers, holes):
+            self.seq[b], self.h_pos[b], self.h_count[b] = self.seq[a], self.h_pos[a], self.h_count[a]
+            self.seq[a] = None
+        self.free = [s for s in range(self.slots) if self.seq[s] is None]
+        heapq.heapify(self.free)
+        self.stats["compactions"] += 1
