@@ -139,12 +139,14 @@ def agg_loss(
     seq-mean-token-sum-norm: sum_i  sum_t L m / (S * norm_len)   (Dr.GRPO: a constant divisor, no length bias)
     S = n_seqs (global) or the local number of rows with at least one valid token; norm_len defaults to the padded
     width T (verl), which changes with padding, so pass the maximum response length for a true constant.
+    In the -norm mode S * norm_len is just a constant divisor, so n_seqs is not checked against the rows here.
 
     Global counts: N and S count the whole optimiser mini-batch (all micro-batches, all ranks). The loss of each
     micro-batch is then one additive piece of the mini-batch loss: sum the micro-batch losses (or their gradients).
     DDP/FSDP *average* gradients over ranks, so each rank multiplies by dp_size to turn that average into a sum.
     The authors' verl instead divides each micro-batch by its own count (and by the number of micro-batches);
-    its seq-mean-token-sum-norm is sum / T per micro-batch, which equals ours with S = number of micro-batches.
+    Its seq-mean-token-sum-norm is sum / T per micro-batch, which equals ours with S = the number of micro-batches
+    over all ranks (LUFFY/SRFT/UPT scripts: one micro-batch per GPU, 8 GPUs, T = 8192: n_seqs=8, norm_len=8192).
     """
     fn = "agg_loss"
     mask = _check_mask(fn, mask, token_loss, "token_loss")
@@ -163,7 +165,7 @@ def agg_loss(
             _fail(fn, f"dp_size={dp_size} needs the global {what}; a local count would be wrong across ranks")
         denom = local
     denom = float(denom)
-    if denom < local:
+    if denom < local and mode != "seq-mean-token-sum-norm":
         _fail(fn, f"{what}={denom:g} is smaller than this micro-batch's own count {local}; pass the global count")
     if mode == "seq-mean-token-mean":
         # per-row token mean; rows without tokens contribute 0 (verl's version divides 0 by 0 here)
@@ -219,7 +221,7 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, agg: 
     if weights is not None:
         token_loss = token_loss * _per_token(fn, "weights", weights.detach(), mask)
     loss = agg(token_loss, mask)
-    return loss, {"sft_loss": float(loss), "nll": _mean(-logp, mask), "n_tokens": float(mask.sum())}
+    return loss, {"sft_loss": float(loss.detach()), "nll": _mean(-logp, mask), "n_tokens": float(mask.sum())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def policy_loss(
     loss = agg(token_loss, mask)
     n = max(int(mask.sum()), 1)
     metrics = {
-        "pg_loss": float(loss),
+        "pg_loss": float(loss.detach()),
         "clipfrac": float(clipped.sum()) / n,
         "clipfrac_high": float((clipped & (adv > 0)).sum()) / n,
         "clipfrac_low": float((clipped & (adv < 0)).sum()) / n,
@@ -343,7 +345,7 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, kind: str = "k3", c
     _check_finite(fn, "ref_logp", ref_logp, mask)
     kl = kl_penalty(_masked(logp, mask), _masked(ref_logp, mask), kind)
     loss = coef * (agg or Agg())(kl, mask)
-    return loss, {"kl_loss": float(loss), "kl": _mean(kl, mask)}
+    return loss, {"kl_loss": float(loss.detach()), "kl": _mean(kl, mask)}
 
 
 def seq_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
@@ -464,7 +466,7 @@ def luffy_loss(
     No clipping anywhere. The shaping's gradient w.r.t. p is gamma / (p + gamma)^2: large for unlikely expert
     tokens, small for likely ones, which keeps the policy from collapsing onto the demo (LUFFY's argument).
     Normalisation: the paper's 1/Z over all on- and off-policy tokens is Agg("token-mean"); the authors' scripts
-    divide by a constant 8192 instead: Agg("seq-mean-token-sum-norm", norm_len=8192, n_seqs=...).
+    divide by a constant 8192 per GPU instead: Agg("seq-mean-token-sum-norm", n_seqs=8, norm_len=8192) (`agg_loss`).
     """
     fn = "luffy_loss"
     mask = _check_mask(fn, mask, logp)
@@ -486,7 +488,7 @@ def luffy_loss(
     token_loss = torch.where(off, -adv * shaped, -adv * ratio)
     loss = (agg or Agg())(token_loss, mask)
     metrics = {
-        "pg_loss": float(loss),
+        "pg_loss": float(loss.detach()),
         "off_tokens": float(off.sum()),
         "on_tokens": float(on.sum()),
         "off_prob_mean": _mean(prob, off),
@@ -553,8 +555,8 @@ def srft_loss(
     loss_rl = (agg or Agg())(token_loss, mask)
     loss = loss_sft + loss_rl
     metrics = {
-        "sft_loss": float(loss_sft),
-        "pg_loss": float(loss_rl),
+        "sft_loss": float(loss_sft.detach()),
+        "pg_loss": float(loss_rl.detach()),
         "w_sft_mean": _mean(w1[:, None], expert[:, None]),
         "w_pos_mean": _mean(w2, (correct[:, 0] & on.any(-1))[:, None]),
         "entropy_seq_mean": _mean(h[:, None], mask.any(-1)[:, None]),
@@ -622,8 +624,9 @@ def upt_loss(
     loss_rl, pg = policy_loss(logp, old_logp, adv, rl_mask, eps_low=eps_low, eps_high=eps_high, clip=clip,
                               agg=rl_agg)
     loss = sft_coef * loss_sft + loss_rl
-    metrics = {"sft_loss": float(loss_sft), "pg_loss": float(loss_rl), "sft_rows": float(sft_rows.sum()),
-               "rl_rows": float((~sft_rows).sum()), "clipfrac": pg["clipfrac"], "ratio_mean": pg["ratio_mean"]}
+    metrics = {"sft_loss": float(loss_sft.detach()), "pg_loss": float(loss_rl.detach()),
+               "sft_rows": float(sft_rows.sum()), "rl_rows": float((~sft_rows).sum()),
+               "clipfrac": pg["clipfrac"], "ratio_mean": pg["ratio_mean"]}
     return loss, metrics
 
 
