@@ -28,7 +28,13 @@ optimiser mini-batch, summed over micro-batches and all-reduced over data-parall
     sum over micro-batches of loss(micro-batch)            == loss(whole mini-batch)            (gradient accumulation)
     mean over ranks of grad(loss_rank) with dp_size = R     == grad(loss(whole mini-batch))      (DDP averages grads)
 exactly, whatever the split. Without global counts (`Agg()`), the normaliser is the local one, as in the authors'
-code. Masked positions may hold anything (padding garbage, -inf): they are replaced by 0 before any arithmetic, so
+code. One optimiser step on R data-parallel ranks:
+    n_tok = all_reduce_sum(sum(mb.mask.sum() for mb in micro_batches))   # valid tokens of the whole mini-batch
+    agg = Agg("token-mean", n_tokens=n_tok, dp_size=R)
+    for mb in micro_batches:
+        loss, metrics = policy_loss(logp(mb), mb.old_logp, mb.adv, mb.mask, eps_high=0.28, agg=agg)
+        loss.backward()                                                  # accumulates the mini-batch gradient
+Masked positions may hold anything (padding garbage, -inf): they are replaced by 0 before any arithmetic, so
 they never produce NaN values or gradients.
 
 Deviations from the authors' code, all documented where they happen:
@@ -42,6 +48,7 @@ Deviations from the authors' code, all documented where they happen:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -56,7 +63,7 @@ K3_CLAMP = 10.0  # verl clamps the k3 estimate to [-10, 10]
 # input checks: the mistakes that are easy to make and silent otherwise
 
 
-def _fail(fn: str, msg: str) -> None:
+def _fail(fn: str, msg: str) -> NoReturn:
     raise ValueError(f"losses.{fn}: {msg}")
 
 
@@ -188,8 +195,8 @@ class Agg:
     """
 
     mode: str = "token-mean"
-    n_tokens: float | None = None
-    n_seqs: float | None = None
+    n_tokens: float | Tensor | None = None
+    n_seqs: float | Tensor | None = None
     norm_len: int | None = None  # constant length for seq-mean-token-sum-norm (e.g. the max response length)
     dp_size: int = 1  # data-parallel ranks whose gradients are averaged
 
@@ -501,10 +508,10 @@ def luffy_loss(
 def srft_loss(
     logp: Tensor,
     advantages: Tensor,
-    rewards: Tensor,
-    entropy: Tensor,
     mask: Tensor,
     off_policy: Tensor,
+    rewards: Tensor,
+    entropy: Tensor,
     *,
     gamma: float = 0.1,
     w_sft: float = 0.5,
@@ -543,9 +550,8 @@ def srft_loss(
     adv = _masked(adv.detach(), off)
     # SFT on the expert rows, each weighted by its own entropy
     expert = off.any(-1)  # (B,)
-    w1 = w_sft * torch.exp(-h)
-    sft_mask = off & expert[:, None]
-    loss_sft = (sft_agg or Agg())(-w1[:, None] * logp, sft_mask)
+    w1 = w_sft * torch.exp(-h)  # (B,)
+    loss_sft = (sft_agg or Agg())(-w1[:, None] * logp, off)
     # the RL part: off-policy shaped term, and REINFORCE-like terms on the rollouts
     prob = torch.exp(logp)
     correct = (rewards == 1)[:, None]  # (B, 1)

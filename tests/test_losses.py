@@ -194,6 +194,10 @@ def test_global_counts_make_micro_batching_and_ranks_invariant(mode):
     for n_micro in (1, 2, 4):
         split = rank_grads(W, X, y, mask, adv, old, lambda m: Agg(mode, n_tok, n_seq, norm_len=6), n_micro)
         assert_close(split, full)
+    # the counts may arrive as all-reduced 0-d tensors
+    as_tensors = rank_grads(W, X, y, mask, adv, old,
+                            lambda m: Agg(mode, torch.tensor(n_tok), torch.tensor(n_seq), norm_len=6), 2)
+    assert_close(as_tensors, full)
     # 2 simulated data-parallel ranks (half the batch each, 2 micro-batches each), gradients averaged like DDP
     halves = torch.arange(8).chunk(2)
     per_rank = [rank_grads(W, X[h], y[h], mask[h], adv[h], old[h],
@@ -351,6 +355,15 @@ def test_policy_loss_rejects_easy_mistakes():
     adv_tok = torch.where(mask, 1.0, math.nan)
     loss, _ = losses.policy_loss(logp, old, adv_tok, mask)
     assert torch.isfinite(loss)
+
+
+def test_old_logp_is_a_constant():
+    logp, old, mask, g = make_batch(seed=10)
+    _, (g_new, g_old) = grad_of(lambda lp, o: losses.policy_loss(lp, o, torch.ones(6), mask)[0], logp, old)
+    assert (g_old == 0).all() and g_new.abs().sum() > 0
+    ref = torch.randn(6, 5, generator=g)
+    _, (_, g_ref) = grad_of(lambda lp, r: losses.kl_loss(lp, r, mask)[0], logp, ref)
+    assert (g_ref == 0).all()
 
 
 def test_fully_masked_and_single_token_rows():
@@ -592,13 +605,13 @@ def test_srft_matches_naive():
     adv = losses.grpo_advantages(rewards, 8, norm_by_std=False)
     off = torch.tensor([True] + [False] * 7)
     ent = torch.rand(8, 4, generator=g) * 3
-    ours = lambda lp: losses.srft_loss(lp, adv, rewards, ent, mask, off)[0]  # noqa: E731
+    ours = lambda lp: losses.srft_loss(lp, adv, mask, off, rewards, ent)[0]  # noqa: E731
     v1, (g1,) = grad_of(ours, logp)
     v2, (g2,) = grad_of(lambda lp: naive_srft(lp, adv, rewards, ent, mask, off.tolist()), logp)
     assert_close(v1, v2)
     assert_close(g1, g2)
     # entropy is a detached weight: no gradient flows into it
-    _, (_, ge) = grad_of(lambda lp, e: losses.srft_loss(lp, adv, rewards, e, mask, off)[0], logp, ent)
+    _, (_, ge) = grad_of(lambda lp, e: losses.srft_loss(lp, adv, mask, off, rewards, e)[0], logp, ent)
     assert (ge == 0).all()
 
 
@@ -606,15 +619,15 @@ def test_srft_hand_weights_and_empty_expert():
     # one demo token (H = 0 -> w1 = 0.5), one correct rollout token (H = ln 2 -> w2 = 0.2), one wrong one
     logp = torch.log(torch.tensor([[0.5], [0.25], [0.125]])).requires_grad_(True)
     ent = torch.tensor([[0.0], [math.log(2.0)], [1.0]])
-    loss, met = losses.srft_loss(logp, torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0]), ent,
-                                 torch.ones(3, 1), torch.tensor([True, False, False]))
+    loss, met = losses.srft_loss(logp, torch.tensor([1.0, 0.0, 0.0]), torch.ones(3, 1),
+                                 torch.tensor([True, False, False]), torch.tensor([1.0, 1.0, 0.0]), ent)
     sft = -0.5 * math.log(0.5)
     rl = (-(0.5 / 0.6) - 0.2 * math.log(0.25) + math.log(0.125)) / 3
     assert loss.item() == pytest.approx(sft + rl)
     assert met["w_sft_mean"] == pytest.approx(0.5) and met["w_pos_mean"] == pytest.approx(0.2)
     # no demo rows in this micro-batch: the SFT term is 0, not NaN (the authors detect the NaN and drop it)
-    loss, met = losses.srft_loss(logp, torch.zeros(3), torch.tensor([1.0, 1.0, 0.0]), ent, torch.ones(3, 1),
-                                 torch.zeros(3, dtype=torch.bool))
+    loss, met = losses.srft_loss(logp, torch.zeros(3), torch.ones(3, 1), torch.zeros(3, dtype=torch.bool),
+                                 torch.tensor([1.0, 1.0, 0.0]), ent)
     assert met["sft_loss"] == 0.0 and torch.isfinite(loss)
 
 
