@@ -12,8 +12,16 @@ import torch
 import losses
 from losses import Agg
 
-torch.set_default_dtype(torch.float64)
 TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 inside this file's tests only: the global default must not leak into other test files."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
