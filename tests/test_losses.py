@@ -680,3 +680,29 @@ def test_upt_loss_matches_naive(clip):
     ref, _ = losses.policy_loss(logp, old, torch.nan_to_num(adv), mask)
     assert met["sft_loss"] == 0.0
     assert_close(loss, ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# every other bad-input path names the function and the argument
+
+
+def test_bad_inputs_give_clear_errors():
+    lp, m, one = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(2)
+    cases = [
+        (lambda: losses.agg_loss(torch.zeros(6), torch.ones(6), "token-mean"), "agg_loss: token_loss must be"),
+        (lambda: losses.agg_loss(lp, m, "token-mean", dp_size=0), "dp_size must be >= 1"),
+        (lambda: losses.agg_loss(lp, m, "seq-mean-token-sum-norm", norm_len=0), "norm_len must be positive"),
+        (lambda: losses.grpo_advantages(torch.ones(2, 4), 4), "grpo_advantages: rewards must be"),
+        (lambda: losses.policy_loss(lp, lp, one, m, eps_low=1.0), "policy_loss: need 0 <= eps_low < 1"),
+        (lambda: losses.kl_penalty(lp, torch.zeros(2, 4)), "kl_penalty: ref_logp has shape"),
+        (lambda: losses.DynamicSampler(2, 8, on_exhausted="skip"), "on_exhausted must be"),
+        (lambda: losses.DynamicSampler(0, 8), "need target_groups >= 1"),
+        (lambda: losses.luffy_loss(lp, lp, one, m, one.bool(), gamma=0.0), "luffy_loss: gamma must be > 0"),
+        (lambda: losses.srft_loss(lp, one, m, one.bool(), torch.ones(3), lp), "srft_loss: rewards must be"),
+        (lambda: losses.srft_loss(lp, one, m, one.bool(), one, torch.zeros(2, 4)), "srft_loss: entropy has shape"),
+        (lambda: losses.upt_gate(torch.ones(8), 8, gamma=-1), "upt_gate: gamma must be >= 0"),
+        (lambda: losses.upt_loss(lp, lp, one, m, one), "upt_loss: sft_rows must be"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
