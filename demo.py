@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fit
 import model as M
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def make_base_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
 @dataclass
 class Stage:
     name: str                                      # unique; also the marker file's name
-    run: Callable[[], None] | list[str]            # an in-process function, or a command run as a subprocess
+    run: Callable[[], dict | None] | list[str]     # in-process (may return notes for the marker) or a command
     est_s: float = 1.0                             # expected seconds, for the ETA
 
 
@@ -411,23 +412,189 @@ class StageRunner:
             self.log(f"[demo] stage {skipped + k + 1}/{len(stages)} {stage.name} | elapsed {fmt_s(elapsed)} "
                      f"| ETA {fmt_s(eta)}")
             t0 = time.time()
-            if callable(stage.run):
-                stage.run()
-            else:
-                proc = subprocess.run(stage.run)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"stage {stage.name} failed (exit {proc.returncode}): {' '.join(stage.run)}")
-            seconds = time.time() - t0
+            info = stage.run() if callable(stage.run) else run_subprocess(stage.run, stage.name)
+            record = {"stage": stage.name, "seconds": round(time.time() - t0, 3), "finished": time.time(),
+                      **(info or {})}
             tmp = self.marker(stage).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 3), "finished": time.time()}))
-            os.replace(tmp, self.marker(stage))
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, self.marker(stage))      # the marker appears only once the stage has finished
             est_done += stage.est_s
         self.log(f"[demo] all {len(stages)} stages done in {fmt_s(time.time() - t_start)}")
+
+
+def run_subprocess(cmd: list[str], stage_name: str) -> None:
+    """Run one command with the demo's stdout/stderr (so the driver's own progress lines show); raise if it fails."""
+    proc = subprocess.run([str(c) for c in cmd])
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage_name} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}")
 
 
 def fmt_s(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study: every run as a `retu.py` subcommand
+
+RETU = Path(__file__).resolve().parent / "retu.py"
+SFT_POOLS = ("small", "easy", "uniform", "hard", "large")
+BRANCH_PHASES = ("adaptive", "stable", "mild", "severe")     # fit.SUBPHASES
+BASELINE_ALGOS = ("grpo", "dapo", "luffy", "srft", "upt")    # from the base model: pure RL and Syn-SFT-RL
+
+
+@dataclass
+class StudyConfig:
+    """Step counts and batch sizes of the toy study. Defaults are a first guess for 2 CPU cores and the
+    BaseModelConfig model; `quick()` runs every stage at its minimum size."""
+    seed: int = 0
+    # SFT (one run per pool); validation loss and a checkpoint every `sft_ckpt_every` steps
+    sft_pools: tuple[str, ...] = SFT_POOLS
+    sft_steps: int = 400
+    sft_sequences_per_step: int = 64
+    sft_lr: float = 2e-3
+    sft_warmup_ratio: float = 0.05
+    sft_ckpt_every: int = 40
+    max_seq_len: int = 256
+    tokens_per_microbatch: int = 8192
+    # SFT -> DAPO_dc branches from one checkpoint per SFT sub-phase, for these pools
+    branch_pools: tuple[str, ...] = SFT_POOLS
+    branch_phases: tuple[str, ...] = BRANCH_PHASES
+    # RL (branches and baselines)
+    baseline_algos: tuple[str, ...] = BASELINE_ALGOS
+    rl_steps: int = 30
+    rl_prompts_per_step: int = 16
+    rl_samples_per_prompt: int = 8
+    rl_lr: float = 2e-4
+    rl_ckpt_every: int = 10
+    max_response_len: int = 128
+    # evaluation of every checkpoint on every benchmark file
+    eval_samples_per_prompt: int = 1
+    eval_max_new_tokens: int = 128
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> StudyConfig:
+        return cls(seed=seed, sft_pools=("small", "uniform"), sft_steps=6, sft_sequences_per_step=8,
+                   sft_ckpt_every=2, branch_pools=("uniform",), rl_steps=2, rl_prompts_per_step=2,
+                   rl_samples_per_prompt=4, rl_ckpt_every=2, eval_max_new_tokens=96)
+
+
+def retu_cmd(sub: str, **flags) -> list[str]:
+    """`python retu.py SUB --flag value ...`; a list value becomes several arguments, True a bare flag."""
+    cmd = [sys.executable, str(RETU), sub]
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            cmd.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):
+            cmd += [flag, *map(str, v)]
+        else:
+            cmd += [flag, str(v)]
+    return cmd
+
+
+def sft_cmd(out: Path, cfg: StudyConfig, pool: str) -> list[str]:
+    return retu_cmd("sft", model=out / "base", train=out / "data" / f"sft_{pool}.jsonl", val=out / "data" / "val.jsonl",
+                    run_dir=out / "runs" / f"sft_{pool}", seed=cfg.seed, device="cpu",
+                    sequences_per_step=cfg.sft_sequences_per_step, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                    warmup_ratio=cfg.sft_warmup_ratio, val_every=cfg.sft_ckpt_every, save_every=cfg.sft_ckpt_every,
+                    max_seq_len=cfg.max_seq_len, tokens_per_microbatch=cfg.tokens_per_microbatch, resume="auto")
+
+
+def rl_cmd(out: Path, cfg: StudyConfig, algo: str, model_dir: Path, run_name: str) -> list[str]:
+    """DAPO_dc (the paper's SFT-then-RL algorithm) for algo "dapo_dc"; the paper's Sec. 6.1 settings otherwise."""
+    extra = {"eps_high": 0.28} if algo == "dapo_dc" else {}
+    return retu_cmd("rl", algo="dapo" if algo == "dapo_dc" else algo, model=model_dir,
+                    train=out / "data" / "rl.jsonl", run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu",
+                    prompts_per_step=cfg.rl_prompts_per_step, samples_per_prompt=cfg.rl_samples_per_prompt,
+                    steps=cfg.rl_steps, lr=cfg.rl_lr, save_every=cfg.rl_ckpt_every,
+                    max_response_len=cfg.max_response_len, tokens_per_microbatch=cfg.tokens_per_microbatch,
+                    resume="auto", **extra)
+
+
+def eval_cmd(out: Path, cfg: StudyConfig, run_name: str) -> list[str]:
+    benches = sorted((out / "data" / "bench").glob("*.jsonl"))
+    return retu_cmd("eval", checkpoints=[out / "runs" / run_name], benchmarks=benches,
+                    run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu",
+                    samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.eval_max_new_tokens)
+
+
+def read_val_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
+    """(steps, EFLOPs, validation loss) of an SFT run, from its metrics.jsonl "val" records."""
+    steps, x, loss = [], [], []
+    path = run_dir / "metrics.jsonl"
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            rec = json.loads(line)
+            if rec.get("kind") == "val":
+                for key in ("step", "eflops", "val_loss"):
+                    if key not in rec:
+                        raise ValueError(f"{path}:{n}: val record without {key!r}")
+                steps.append(int(rec["step"]))
+                x.append(float(rec["eflops"]))
+                loss.append(float(rec["val_loss"]))
+    return steps, x, loss
+
+
+def choose_branches(steps: list[int], x: list[float], val_loss: list[float], saved: set[int]) -> dict:
+    """One SFT checkpoint per sub-phase to branch RL from. Sub-phases come from fit.sft_subphases on the validation
+    loss (paper Eq. 13-17); within a phase: the checkpoint of minimum loss for "stable" (the paper's best switch
+    point), the middle one for "adaptive" and "mild", the last one for "severe" (the clearest collapse). Step 0 (the
+    base model; pure RL covers it) and steps without a saved checkpoint are not candidates."""
+    labels = fit.sft_subphases(x, val_loss)
+    chosen = {}
+    for phase in BRANCH_PHASES:
+        cand = [i for i, lab in enumerate(labels) if lab == phase and steps[i] > 0 and steps[i] in saved]
+        if not cand:
+            continue
+        if phase == "stable":
+            i = min(cand, key=lambda j: val_loss[j])
+        elif phase == "severe":
+            i = cand[-1]
+        else:
+            i = cand[len(cand) // 2]
+        chosen[phase] = steps[i]
+    return {"labels": dict(zip(map(str, steps), labels)), "branches": chosen}
+
+
+def checkpoint_hf(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}" / "hf"
+
+
+def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
+    """Every run of the study, in dependency order (a stage only needs the stages before it)."""
+    out = Path(out_dir)
+    runs = out / "runs"
+    stages = []
+    for pool in cfg.sft_pools:                     # pure SFT: checkpoints + validation loss, then benchmarks
+        stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool), est_s=cfg.sft_steps * 0.3))
+        stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"), est_s=30))
+    for pool in cfg.branch_pools:
+        if pool not in cfg.sft_pools:
+            raise ValueError(f"StudyConfig.branch_pools: {pool!r} has no SFT run (sft_pools {cfg.sft_pools})")
+        sft_dir = runs / f"sft_{pool}"
+
+        def select(sft_dir=sft_dir):
+            saved = {int(p.parent.name.removeprefix("step_")) for p in sft_dir.glob("checkpoints/step_*/hf")}
+            choice = choose_branches(*read_val_curve(sft_dir), saved)
+            (sft_dir / "branches.json").write_text(json.dumps(choice, indent=2) + "\n")
+        stages.append(Stage(f"branches_{pool}", select, est_s=1))
+        for phase in cfg.branch_phases:            # SFT -> DAPO_dc from the checkpoint chosen for this phase
+            name = f"dapo_{pool}_{phase}"
+
+            def branch(sft_dir=sft_dir, phase=phase, name=name):
+                chosen = json.loads((sft_dir / "branches.json").read_text())["branches"]
+                if phase not in chosen:            # e.g. a pool that never overfits has no "severe" checkpoint
+                    return {"skipped": f"no {phase} checkpoint in {sft_dir.name}"}
+                run_subprocess(rl_cmd(out, cfg, "dapo_dc", checkpoint_hf(sft_dir, chosen[phase]), name), name)
+                run_subprocess(eval_cmd(out, cfg, name), name)
+                return {"from_step": chosen[phase]}
+            stages.append(Stage(name, branch, est_s=cfg.rl_steps * 2 + 30))
+    for algo in cfg.baseline_algos:                # pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model
+        stages.append(Stage(f"{algo}_base", rl_cmd(out, cfg, algo, out / "base", f"{algo}_base"),
+                            est_s=cfg.rl_steps * 2))
+        stages.append(Stage(f"eval_{algo}_base", eval_cmd(out, cfg, f"{algo}_base"), est_s=30))
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -227,7 +227,6 @@ def test_chat_template_is_qwen_chatml(prepared):
     assert cfg["pad_token"] == "<|endoftext|>" and cfg["tokenizer_class"] == "Qwen2Tokenizer"
 
 
-@pytest.mark.skipif(not hasattr(M, "load_tokenizer"), reason="model.load_tokenizer not landed yet")  # TODO remove
 def test_model_load_tokenizer_formats_chatml(prepared):
     tok = M.load_tokenizer(prepared / "base")
     messages = [{"role": "user", "content": "What is $964 \\times 59$?"}]
@@ -299,3 +298,56 @@ def test_stage_runner_resumes_and_fails_loudly(tmp_path):
         runner.run(failing)
     with pytest.raises(ValueError, match="unique"):
         runner.run([demo.Stage("x", calls.clear), demo.Stage("x", calls.clear)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study plan
+
+def test_choose_branches_hand_checked():
+    steps = [0, 10, 20, 30, 40, 50, 60, 70]
+    x = [s * 1e-6 for s in steps]
+    # L_min = 0.5: stable <= 0.51 (steps 30, 40); after it mild < 0.55 (50), severe >= 0.55 (60, 70)
+    loss = [2.0, 1.0, 0.6, 0.50, 0.505, 0.53, 0.56, 0.60]
+    got = demo.choose_branches(steps, x, loss, saved=set(steps))
+    assert got["labels"] == {"0": "adaptive", "10": "adaptive", "20": "adaptive", "30": "stable", "40": "stable",
+                             "50": "mild", "60": "severe", "70": "severe"}
+    # adaptive: middle of the saved non-base candidates (10, 20) -> 20; stable: minimum loss; severe: the last
+    assert got["branches"] == {"adaptive": 20, "stable": 30, "mild": 50, "severe": 70}
+    got = demo.choose_branches(steps, x, loss, saved={10, 30, 40, 60})
+    assert got["branches"] == {"adaptive": 10, "stable": 30, "severe": 60}
+
+
+def test_study_stages_are_real_driver_invocations(tmp_path):
+    retu = pytest.importorskip("retu")  # the driver lands in parallel; TODO make this a plain import
+    cfg = demo.StudyConfig()
+    stages = demo.study_stages(tmp_path, cfg)
+    names = [s.name for s in stages]
+    assert len(names) == len(set(names))
+    assert names[:2] == ["sft_small", "eval_sft_small"] and "branches_uniform" in names
+    assert names.index("branches_hard") > names.index("sft_hard")
+    assert {f"dapo_{p}_{ph}" for p in demo.SFT_POOLS for ph in demo.BRANCH_PHASES} <= set(names)
+    assert {"grpo_base", "dapo_base", "luffy_base", "srft_base", "upt_base"} <= set(names)
+    commands = [s.run for s in stages if not callable(s.run)]
+    commands.append(demo.rl_cmd(tmp_path, cfg, "dapo_dc", tmp_path / "ckpt", "x"))
+    for cmd in commands:
+        assert cmd[:2] == [sys.executable, str(demo.RETU)]
+        sub, parsed = retu.parse_args([str(c) for c in cmd[2:]])
+        assert sub == cmd[2]
+    sub, parsed = retu.parse_args([str(c) for c in commands[-1][2:]])
+    assert (parsed.algo, parsed.eps_high, parsed.steps, parsed.lr) == ("dapo", 0.28, cfg.rl_steps, cfg.rl_lr)
+    sub, parsed = retu.parse_args([str(c) for c in stages[0].run[2:]])
+    assert (parsed.max_steps, parsed.val_every, parsed.save_every) == (cfg.sft_steps, 40, 40)
+    assert parsed.train.endswith("sft_small.jsonl") and parsed.val.endswith("val.jsonl")
+
+
+def test_branch_stage_without_its_phase_is_recorded_as_skipped(tmp_path):
+    cfg = demo.StudyConfig(sft_pools=("small",), branch_pools=("small",), baseline_algos=())
+    stages = {s.name: s for s in demo.study_stages(tmp_path, cfg)}
+    sft_dir = tmp_path / "runs" / "sft_small"
+    sft_dir.mkdir(parents=True)
+    (sft_dir / "branches.json").write_text(json.dumps({"labels": {}, "branches": {"stable": 40}}))
+    demo.StageRunner(tmp_path, log=lambda s: None).run([stages["dapo_small_severe"]])
+    marker = json.loads((tmp_path / "stages" / "dapo_small_severe.done").read_text())
+    assert marker["skipped"] == "no severe checkpoint in sft_small"
+    with pytest.raises(ValueError, match="branch_pools: 'hard' has no SFT run"):
+        demo.study_stages(tmp_path, demo.StudyConfig(sft_pools=("small",), branch_pools=("hard",)))
