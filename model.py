@@ -101,6 +101,8 @@ class ModelConfig:
         for key in ("use_sliding_window", "mlp_bias"):        # features we do not implement: refuse loudly
             if d.get(key):
                 raise ValueError(f"{source}: {key}=true is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         # transformers >= 4.5x may nest rope settings in `rope_parameters`
         rope = d.get("rope_parameters") or {}
         theta = d["rope_theta"] if "rope_theta" in d else rope.get("rope_theta")
@@ -389,7 +391,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
             doc_bounds = [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
             if position_ids is None:                             # positions restart at each document
-                starts = torch.tensor([a for a, b in zip(cu, cu[1:]) for _ in range(b - a)], device=dev)
+                cu_t = torch.tensor(cu, device=dev)
+                starts = torch.repeat_interleave(cu_t[:-1], cu_t[1:] - cu_t[:-1])   # (T,) start of own doc
                 position_ids = (torch.arange(T, device=dev) - starts)[None]
         if position_ids is None:
             if cache is not None:
