@@ -1,5 +1,12 @@
 """model.py -- one decoder-only transformer for the checkpoints retu post-trains.
 
+    import model as M
+    net = M.from_pretrained("Qwen2.5-7B", dtype=torch.bfloat16, device="cuda")   # an HF checkpoint dir
+    logits = net(ids)                                              # (B, T) -> (B, T, V)
+    logp, ent = net(ids, targets=tgt, temperature=1.0, return_entropy=True)   # (B, T) fp32 each, chunked
+    tok = M.load_tokenizer("Qwen2.5-7B"); tok.apply_chat_template(msgs, add_generation_prompt=True)
+    M.save_pretrained(net, "out/step100", tokenizer_dir="Qwen2.5-7B")   # atomic; transformers/vLLM load it
+
 Supported HF architectures (config.json `architectures[0]`):
   * Qwen2ForCausalLM  (Qwen2, Qwen2.5, Qwen2.5-Math): q/k/v projections always have biases.
   * Qwen3ForCausalLM  (dense Qwen3): per-head RMSNorm on q and k before RoPE, explicit `head_dim`,
@@ -7,19 +14,27 @@ Supported HF architectures (config.json `architectures[0]`):
   * LlamaForCausalLM  (Llama 3.x): `rope_scaling` of type "llama3", untied or tied head,
                       biases on q/k/v/o only when `attention_bias` is true.
 All three share one block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); RoPE in the "rotate half"
-layout of HF; grouped-query attention through torch's scaled_dot_product_attention (SDPA).
+layout of HF; grouped-query attention through torch's scaled_dot_product_attention (SDPA). Anything else
+in a config (sliding window, MLP bias, other rope scalings, other activations) is refused by name.
 
 Also here, because the rest of retu needs exactly one copy of each:
   * per-token log-probs and entropies of target tokens, computed in chunks of tokens so that the (T, V)
-    fp32 logits are never materialised at once, in forward and in backward (`_ChunkedLogProb`);
-  * HF-compatible safetensors load/save (memory-mapped, sharded, atomic);
-  * a small tokenizer wrapper with byte-exact ChatML (Qwen) and Llama-3 chat formatting;
-  * `flops_per_token`, the paper's Appendix C compute estimate (= verl's FlopsCounter).
+    fp32 logits are never materialised at once, in forward and in backward (`_ChunkedLogProb`). Logits
+    are divided by the temperature before the softmax (as verl does for RL). Targets < 0 (e.g. -100 at the
+    last token of each packed document) give logp 0 and no gradient;
+  * HF-compatible safetensors load/save (memory-mapped one tensor at a time, sharded, atomic);
+  * a small tokenizer wrapper with byte-exact ChatML (Qwen) and Llama-3 chat formatting (see that section
+    for the one deliberate deviation: Llama 3.2's date line);
+  * FLOPs: `flops_per_token` is the paper's Appendix C estimate (= verl's FlopsCounter per token);
+    `sft_flops` plugs in the dataset-mean length as the paper does (reproduces Table 4);
+    `flops_for_lengths` sums actual per-sequence lengths verl-style (sum s_i^2 in the attention term),
+    which is what the driver logs for its own runs: slightly more than the mean-length estimate.
 
 Parameter names: `Transformer.state_dict()` names map 1:1 onto HF names by prefixing "model." to
 everything except "lm_head.weight" (`hf_name`). Precision follows HF: RMSNorm computes in fp32 and casts
 back; RoPE cos/sin are computed in fp32 from fp32 inverse frequencies (kept out of the state dict so a
-`.to(bfloat16)` cannot round them) and cast to the activation dtype.
+`.to(bfloat16)` cannot round them) and cast to the activation dtype. In bf16 on CPU the logits are
+bit-identical to transformers 5.24's SDPA implementation (tests/test_model.py, when it is installed).
 Packed documents (`cu_seqlens`) run causal SDPA per document: block-diagonal causal attention without a
 (T, T) mask and without cross-document FLOPs (a Python loop over documents; fine for tens of documents).
 """
@@ -299,6 +314,8 @@ class _ChunkedLogProb(torch.autograd.Function):
     (N, V) ever exists. Only h, W, targets and the (N,) log-sum-exp are saved. With z = logits / temp,
     p = softmax(z), H = lse - sum p z:  dlogp/dz = onehot(t) - p,  dH/dz = -p (log p + H).
     Targets < 0 are ignored (logp 0, no gradient), e.g. the last token of each packed document.
+    Transient memory: a handful of (chunk, V) fp32 buffers (chunk = logprob_chunk_tokens(V)), plus in
+    backward one (V, H) fp32 accumulator for the head's gradient (2.2 GB for Qwen2.5-7B's 152064 x 3584).
     """
 
     @staticmethod
