@@ -26,6 +26,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton is optional: a CPU-only install without it still runs every fallback.
     import triton
@@ -244,15 +245,11 @@ def decode_attention_torch(q, k_cache, v_cache, seq_lens, *, slot_ids=None, max_
         k, v = k_cache[:B, :, :L], v_cache[:B, :, :L]  # (B, KV, L, D)
     else:
         k, v = k_cache[slot_ids, :, :L], v_cache[slot_ids, :, :L]
-    qg = q.view(B, KV, H // KV, D)  # (B, KV, G, D): the G query heads that share one kv head
-    s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, KV, G, L)
+    # The G query heads sharing a kv head become G "query positions" of that head: plain SDPA, no repeat_kv copy.
+    qg = q.reshape(B, KV, H // KV, D)  # (B, KV, G, D)
     if attn_bias is None:
-        valid = torch.arange(L, device=q.device) < seq_lens.view(B, 1, 1, 1)  # (B, 1, 1, L)
-        s = s.masked_fill_(~valid, float("-inf"))
-    else:
-        s = s + attn_bias
-    p = torch.softmax(s, dim=-1).to(v.dtype)
-    return torch.matmul(p, v).view(B, H, D)
+        attn_bias = torch.arange(L, device=q.device) < seq_lens.view(B, 1, 1, 1)  # (B, 1, 1, L) bool: attend
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=attn_bias, scale=scale).reshape(B, H, D)
 
 
 def _decode_attention_triton(q, k_cache, v_cache, seq_lens, slot_ids, max_len, scale, num_splits, block_n):
