@@ -531,7 +531,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, tokenizer_di
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": weight_map}, indent=2))
         cfg = model.config.to_hf()
-        cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        dtype_name = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        cfg["torch_dtype"] = dtype_name
+        if "dtype" in cfg:                                       # transformers >= 4.56 spelling
+            cfg["dtype"] = dtype_name
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if tokenizer_dir is not None:
             found = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
@@ -566,6 +569,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, tokenizer_di
 #            today's date from `strftime_now`; we render the template's own fallback "26 Jul 2024" (override
 #            with date_string=...) so that training data does not depend on the day it was tokenized.
 #            Llama 3.0 templates (no date block) are rendered as published.
+# Without a chat_template the family comes from the vocabulary's special tokens and the plain form is used
+# (ChatML without a default system turn; Llama-3.0 style).
 # Tools / tool calls are not supported (a clear error). `chat_renderer="jinja"` renders the checkpoint's own
 # template with jinja2 the way HF does (for families the built-in renderers do not know).
 
