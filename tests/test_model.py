@@ -911,3 +911,17 @@ def test_transformers_parity(tmp_path, family):
     assert_same_model(m.to(torch.bfloat16), ours)
     with torch.no_grad():
         assert torch.equal(ours(ids), hf(ids).logits)
+
+
+def test_chat_family_from_vocabulary_without_template(tmp_path):
+    q = M.load_tokenizer(write_tokenizer_dir(tmp_path / "q", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                             {"eos_token": "<|endoftext|>"}))
+    assert q.chat_template is None and q.chat_family == "chatml" and q.eos_token_ids == (3, 5)
+    assert q.apply_chat_template(CONVERSATIONS[1], True) == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ll = M.load_tokenizer(write_tokenizer_dir(tmp_path / "l", LLAMA_SPECIALS,
+                                              {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    assert ll.chat_family == "llama3" and ll.eos_token_ids == (4, 7) and ll.bos_token_id == 3
+    assert ll.apply_chat_template(CONVERSATIONS[0], True) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
