@@ -865,9 +865,10 @@ def test_load_copies_one_tensor_at_a_time(tmp_path, monkeypatch):
     real_open, alive_at_read = M.safe_open, []
     refs = []
 
-    class Spy:
+    class Spy:                                 # wraps safe_open; counts file tensors alive at each read
         def __init__(self, *a, **k):
             self.f = real_open(*a, **k)
+            self.keys, self.get_slice = self.f.keys, self.f.get_slice
 
         def __enter__(self):
             self.f.__enter__()
@@ -875,12 +876,6 @@ def test_load_copies_one_tensor_at_a_time(tmp_path, monkeypatch):
 
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_slice(self, name):
-            return self.f.get_slice(name)
 
         def get_tensor(self, name):
             alive_at_read.append(sum(r() is not None for r in refs))
