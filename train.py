@@ -138,6 +138,7 @@ def shard_model(model: torch.nn.Module, d: Dist, *, activation_checkpointing: bo
     fully_shard(model, mp_policy=mp)
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)   # sum over ranks: the losses are globally normalised already
+        m.set_force_sum_reduction_for_comms(True)   # a plain SUM (gloo has no PREMUL_SUM)
     # FSDP2 warns when a module returns a view (the model's (B, T) log-probs); we never modify outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
