@@ -501,16 +501,24 @@ def analyze(sft_points: list[dict], rl_branches: dict, *, metric: str = "overall
         x = [0.0] + [float(e["eflops"]) for e in pts]
         y = [p_sft] + [score(e["scores"], metric, bench_sizes, f"{where}, RL point {j}") for j, e in enumerate(pts)]
         st = dict((fit_settings or {}).get(key, (fit_settings or {}).get(step, {})))
-        res = fit_curve(x, y, p_start=p_sft, free_start=st.get("free_start", False),
-                        train=tuple(st["train"]) if st.get("train") else None,
-                        val=tuple(st["val"]) if st.get("val") else None,
-                        outlier_threshold=st.get("outlier_threshold", 2.5), lts_alpha=st.get("lts_alpha"))
         row = {"sft_step": step, "sft_eflops": float(by_step[step]["eflops"]), "P_sft": p_sft,
-               "PL_rl": res.A - p_sft, "A_post": res.A, "C_mid": res.C_mid, "B": res.B, "epsilon": res.P_start - p_sft,
-               "status": res.status, "reason": res.reason, "r2_train": res.r2_train, "rmse_val": res.rmse_val,
-               "n_points": len(x), "n_outliers": res.n_outliers, "n_trimmed": res.n_trimmed,
-               "subphase": labels.get(step), "x": x, "y": y, "inliers": res.inliers.tolist(),
-               "train": res.train.tolist()}
+               "subphase": labels.get(step), "n_points": len(x), "x": x, "y": y}
+        try:
+            res = fit_curve(x, y, p_start=p_sft, free_start=st.get("free_start", False),
+                            train=tuple(st["train"]) if st.get("train") else None,
+                            val=tuple(st["val"]) if st.get("val") else None,
+                            outlier_threshold=st.get("outlier_threshold", 2.5), lts_alpha=st.get("lts_alpha"))
+        except ValueError as e:  # e.g. a branch with too few evaluations yet: report it, fit the others
+            nan = float("nan")
+            row.update(PL_rl=nan, A_post=nan, C_mid=nan, B=nan, epsilon=nan, status="not fitted", reason=str(e),
+                       r2_train=nan, rmse_val=nan, n_outliers=0, n_trimmed=0, inliers=[False] * len(x),
+                       train=[False] * len(x))
+            rows.append(row)
+            continue
+        row.update(PL_rl=res.A - p_sft, A_post=res.A, C_mid=res.C_mid, B=res.B, epsilon=res.P_start - p_sft,
+                   status=res.status, reason=res.reason, r2_train=res.r2_train, rmse_val=res.rmse_val,
+                   n_outliers=res.n_outliers, n_trimmed=res.n_trimmed, inliers=res.inliers.tolist(),
+                   train=res.train.tolist())
         if n_boot > 0:
             se = math.sqrt(p_sft * (100 - p_sft) / n_problems) if n_problems else 0.0
             bs = bootstrap_ceiling(x, y, res, n_boot=n_boot, seed=seed, p_start_se=se)
@@ -570,8 +578,8 @@ def format_report(report: dict) -> str:
             out.append(f"Not distinguishable from it within bootstrap noise (|z| < 1.96): steps {close}.")
     rec = report.get("recommendation")
     if rec:
-        out.append(f"Switch recommendation: {rec['action']} ({rec['message']}); stable checkpoints: "
-                   f"{rec['branch_from']}.")
+        where = f"; stable checkpoints: {rec['branch_from']}" if rec["branch_from"] else ""
+        out.append(f"Switch recommendation: {rec['action']} ({rec['message']}){where}.")
     return "\n".join(out) + "\n"
 
 

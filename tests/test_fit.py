@@ -1,6 +1,7 @@
 """Tests of fit.py: Eq. 11, the two robust stages, identifiability, bootstrap, sub-phases, decomposition, Table 4."""
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,24 @@ def test_table4_reproduction_beats_released_code():
             assert 0.05 < r["B"] < 50 and r["C_mid"] < 255 and r["PL_rl"] > 0
     md = fit.format_table4(t4)
     assert md.count("\n| ") == 33 and f"retu {t4['n_within']}/33, released code 15/33" in md
+
+
+def test_cli_run_and_short_branch(tmp_path, capsys):
+    sft = [{"step": 0, "eflops": 0.0, "scores": {"acc": 40.0}, "val_loss": 1.0},
+           {"step": 100, "eflops": 10.0, "scores": {"acc": 60.0}, "val_loss": 0.6}]
+    spec = {"name": "cli", "sft_points": sft, "bench_sizes": {"acc": 500},
+            "rl_branches": {"0": _branch(40.0, 55.0, 20.0, 1.5, seed=5), "100": _branch(60.0, 70.0, 20.0, 1.5)[:2]}}
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(spec))
+    out = str(tmp_path / "o")
+    assert fit.main(["run", str(path), "--out", out, "--metric", "acc", "--boot", "0", "--no-plots"]) == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    rows = {r["sft_step"]: r for r in rep["rows"]}
+    assert rows[0]["status"] == "ok" and abs(rows[0]["A_post"] - 55.0) < 0.6
+    # two RL evaluations are too few to fit: the row says so, the other branch is still fitted
+    assert rows[100]["status"] == "not fitted" and "training points" in rows[100]["reason"]
+    assert "| 100 | 10.0 | stable | 60.00 | - | - |" in (tmp_path / "o" / "report.md").read_text()
+    assert "| 0 | 0.0 | adaptive | 40.00 |" in capsys.readouterr().out
+    with pytest.raises(KeyError, match="rl_branches"):
+        path.write_text(json.dumps({"sft_points": sft}))
+        fit.main(["run", str(path), "--out", str(tmp_path / "o2")])
