@@ -80,7 +80,7 @@ def rms_norm(
 def rms_norm_torch(x, weight, eps, residual=None):
     """Reference RMSNorm (HF Qwen2RMSNorm numerics)."""
     h = x if residual is None else x + residual
-    hf = h.float()
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))  # fp32 statistics (fp64 stays fp64)
     y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
     return y if residual is None else (y, h)
 

@@ -134,8 +134,10 @@ class KVCache:
 
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        # (layers, k|v, slots, kv_heads, S, D): one slot row is contiguous per head, as decode attention reads it
-        self.kv = torch.empty((num_layers, 2, slots, kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        # (layers, k|v, slots, kv_heads, S, D): one slot row is contiguous per head, as decode attention reads it.
+        # Zeroed, not empty: the torch decode path reads past a row's length (masked to weight 0, but 0 * NaN
+        # from uninitialised memory would still be NaN). Stale entries of earlier sequences are finite.
+        self.kv = torch.zeros((num_layers, 2, slots, kv_heads, max_len, head_dim), dtype=dtype, device=device)
         self.k = [self.kv[i, 0] for i in range(num_layers)]  # per-layer (slots, kv_heads, S, D) views
         self.v = [self.kv[i, 1] for i in range(num_layers)]
         self.triton = kernels.triton_enabled(self.kv)
