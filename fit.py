@@ -16,9 +16,10 @@ The fit (`fit_curve`) follows App. D:
     until the inlier set stops changing (Eq. 28-29; every round re-scores all training points, see zscore_reject);
   * stage 2 (optional): Least Trimmed Squares, h = floor(N_fit * alpha) with N_fit the stage-1 inliers, C-steps
     (fit the h best points, re-select, refit) until the subset stops changing (Eq. 30). As in App. D the C-steps
-    start from the current (stage-1) estimate; `FitConfig.lts_starts` adds random h-subset starts and keeps the
-    lowest trimmed objective (on Table 4 that finds lower LTS optima on two curves that move away from the
-    paper's numbers: 20 instead of 21 of 33 within 0.3 points).
+    start from the current (stage-1) estimate, which is deterministic. `FitConfig.lts_starts` adds random
+    h-subset starts and keeps the lowest trimmed objective; on Table 4 the trimmed objective is multi-modal, and
+    those starts find lower optima whose ceilings depend on the seed (SFT889K step 14080: 88.5 or 87.5 against
+    84.0 from the stage-1 start) -- the data do not pin those ceilings down to 0.3 points.
 Every least-squares fit uses variable projection: for fixed (C_mid, B) the model is linear in (P_start, A), so a
 log-spaced grid over (C_mid, B) with A solved in closed form finds the basin, and scipy's bounded trust-region
 least squares refines (PL = A - P_start, log C_mid, log B) from the best grid points. The fit is deterministic
@@ -38,6 +39,15 @@ Deviations from the paper and from the authors' released fitter, all deliberate:
     minima); we label the whole interval [min T_stable, max T_stable] stable so the phases are time intervals.
   * Table 4 splits: the requested train range is clipped to the points that exist; the released code instead
     falls back to a 70/30 split for s1K step 62.
+
+Table 4 (`reproduce_table4`, `python fit.py table4`): with the paper's v2 per-curve settings, 21 of 33 fits land
+within 0.3 points of the paper's A_post (released code: 15), 5 are flagged not identifiable (the released code
+reports 4 of them at its bound), and the paper's A_post lies inside retu's 95% bootstrap CI on 26 of the 28
+identifiable curves. The remaining gaps are not fitting failures: some of the paper's parameters are not optima
+of the paper's own objective (SFT889K step 720: LTS with alpha = 0.75 keeps 13 of 18 points; the paper's PL 8.8,
+C_mid 8, B 1.0 give a trimmed sum of squares of 2.41, retu's fit 1.58, the exhaustive optimum over all subsets),
+and on flat curves the data barely constrain A_post (SFT889K step 360: moving A_post 2 points, from retu's 84.5 to
+the paper's 82.5, raises the residual sum of squares by 0.6%).
 """
 
 from __future__ import annotations
