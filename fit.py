@@ -70,7 +70,7 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / 
 
 @dataclass
 class FitConfig:
-    outlier_threshold: float | None = 2.5  # tau of stage 1; None disables stage 1
+    outlier_threshold: float | None = None  # tau of stage 1; None disables stage 1
     lts_alpha: float | None = None  # alpha of stage 2 (LTS); None disables it
     lts_starts: int = 0  # extra random h-subset starts for LTS (FAST-LTS style) besides the stage-1 fit
     free_start: bool = False  # fit P_start too (the paper's epsilon) instead of fixing it
@@ -265,7 +265,7 @@ def fit_curve(
     free_start: bool = False,
     train: tuple[int, int] | None = None,
     val: tuple[int, int] | None = None,
-    outlier_threshold: float | None = 2.5,
+    outlier_threshold: float | None = None,
     lts_alpha: float | None = None,
     config: FitConfig | None = None,
 ) -> FitResult:
@@ -274,7 +274,8 @@ def fit_curve(
     `train` / `val` are half-open index ranges (default: first 85% train, rest validation, as in App. D.1),
     clipped to the data. With free_start=False, P_start is fixed to `p_start` (for an RL branch: P_sft, with the
     SFT checkpoint itself as the point x = 0). `outlier_threshold` (tau) and `lts_alpha` switch the two robust
-    stages; `config` carries the rest (bounds, grid, LTS starts, seed) and its own two fields are overridden.
+    stages on (both off by default: plain least squares; the paper uses tau = 2.5 to 4 on every curve);
+    `config` carries the rest (bounds, grid, LTS starts, seed), and these keyword arguments override its fields.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -314,7 +315,8 @@ def fit_curve(
     if lb <= box.log_b[0] + eps or lb >= box.log_b[1] - eps:
         status, reason = "not identifiable", f"B={math.exp(lb):.3g} ends on its bound {cfg.b_bounds}"
     elif lc <= box.log_c[0] + eps or lc >= box.log_c[1] - eps:
-        status, reason = "not identifiable", f"C_mid={math.exp(lc):.3g} ends on its bound"
+        status, reason = "not identifiable", (
+            f"C_mid={math.exp(lc):.3g} ends on its bound [{math.exp(box.log_c[0]):.3g}, {math.exp(box.log_c[1]):.3g}]")
     elif a - s <= 1e-6 * (1 + abs(s)):
         status, reason = "not identifiable", "no rise: plasticity ends on its bound 0"
     elif math.exp(lc) > x_last:
@@ -478,7 +480,7 @@ def analyze(sft_points: list[dict], rl_branches: dict, *, metric: str = "overall
       rl_branches: {sft_step: [{"eflops": float (RL compute since the branch point, > 0), "scores": {...}}, ...]}
       fit_settings: {sft_step: {"train": [start, end], "val": [start, end], "outlier_threshold": tau,
                      "lts_alpha": alpha, "free_start": bool}} (optional, per branch; indices count the branch
-                     list with the SFT checkpoint itself at index 0)
+                     list with the SFT checkpoint itself at index 0; defaults: 85/15 split, tau = 2.5, no LTS)
     Each branch is fitted on x = RL compute with the SFT checkpoint as the point (0, P_sft) and P_start = P_sft,
     so A = A_post and PL_rl = A_post - P_sft. With n_boot > 0, CIs include P_sft's binomial benchmark noise when
     the metric is "overall" or a benchmark of known size.
@@ -664,7 +666,8 @@ def reproduce_table4(data_dir: str | Path = DEFAULT_DATA_DIR, *, tol: float = 0.
         row = {k: c[k] for k in ("scene", "paper_name", "sft_step", "sft_eflops", "P_sft", "paper", "released")}
         row.update(PL_rl=res.A - c["P_sft"], A_post=res.A, C_mid=res.C_mid, B=res.B, epsilon=res.P_start - c["P_sft"],
                    status=res.status, reason=res.reason, r2_train=res.r2_train, rmse_val=res.rmse_val,
-                   n_outliers=res.n_outliers, n_trimmed=res.n_trimmed)
+                   n_outliers=res.n_outliers, n_trimmed=res.n_trimmed, x=c["x"], y=c["y"],
+                   inliers=res.inliers.tolist(), train=res.train.tolist())
         row["within"] = res.status == "ok" and abs(res.A - c["paper"]["A_post"]) <= tol
         row["released_within"] = abs(c["released"]["A_post"] - c["paper"]["A_post"]) <= tol
         if n_boot > 0:
@@ -678,6 +681,21 @@ def reproduce_table4(data_dir: str | Path = DEFAULT_DATA_DIR, *, tol: float = 0.
     if n_boot > 0:
         out["n_paper_in_ci"] = sum(r["paper_in_ci"] for r in rows)
     return out
+
+
+def table4_scene_reports(t4: dict, data_dir: str | Path = DEFAULT_DATA_DIR) -> list[dict]:
+    """Per SFT data set, a report shaped like `analyze`'s (for the plots): its RL branches plus the pure-RL branch
+    from the base model at SFT compute 0, and its SFT curve. The authors' data carry no validation loss, so there
+    are no sub-phases."""
+    sft = _load_json(Path(data_dir) / "sft_curves.json")
+    base = [r for r in t4["rows"] if r["scene"] == "base"]
+    reports = []
+    for scene in dict.fromkeys(r["scene"] for r in t4["rows"] if r["scene"] != "base"):
+        rows = base + [r for r in t4["rows"] if r["scene"] == scene]
+        pts = [{"step": p["sft_step"], "eflops": p["eflops"], "score": round(score(p["scores"]), 2), "subphase": None}
+               for p in sft[scene]]
+        reports.append({"name": rows[-1]["paper_name"], "metric": "overall", "rows": rows, "sft": pts})
+    return reports
 
 
 def format_table4(t4: dict) -> str:
@@ -802,9 +820,11 @@ def main(argv: list[str] | None = None) -> int:
     t4.add_argument("--data", default=str(DEFAULT_DATA_DIR))
     t4.add_argument("--boot", type=int, default=0, help="bootstrap replicates per curve (0: no CIs)")
     t4.add_argument("--json", help="also write the rows as JSON here")
-    run = sub.add_parser("run", help='analyse one JSON file {"name", "sft_points", "rl_branches", ...}')
-    run.add_argument("input")
-    run.add_argument("--out", default=".", help="directory for report.md, report.json and the figures")
+    t4.add_argument("--plots", help="write Figure 3 / Figure 5 style plots per SFT data set into this directory")
+    run = sub.add_parser("run", help='analyse JSON files {"name", "sft_points", "rl_branches", ...}, one per SFT '
+                         "data set; with three or more, also the min-val-loss vs ceiling correlation")
+    run.add_argument("inputs", nargs="+")
+    run.add_argument("--out", default=".", help="directory for <name>.md, <name>.json and the figures")
     run.add_argument("--metric", default="overall")
     run.add_argument("--boot", type=int, default=200)
     run.add_argument("--no-plots", action="store_true")
@@ -815,22 +835,35 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table4(res), end="")
         if args.json:
             Path(args.json).write_text(json.dumps(_jsonable(res), indent=1))
+        if args.plots:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            for rep in table4_scene_reports(res, args.data):
+                plot_decomposition(rep, Path(args.plots) / f"{rep['name']}_ceiling.png")
+                plot_branches(rep, Path(args.plots) / f"{rep['name']}_branches.png")
         return 0
-    spec = _load_json(Path(args.input))
-    for key in ("sft_points", "rl_branches"):
-        if key not in spec:
-            raise KeyError(f"{args.input}: missing top-level key {key!r}")
-    report = analyze(spec["sft_points"], spec["rl_branches"], metric=args.metric,
-                     bench_sizes=spec.get("bench_sizes"), fit_settings=spec.get("fit_settings"),
-                     n_boot=args.boot, name=spec.get("name", Path(args.input).stem))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(format_report(report))
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=1))
-    if not args.no_plots:
-        plot_decomposition(report, out / "ceiling.png")
-        plot_branches(report, out / "branches.png")
-    print(format_report(report), end="")
+    reports = []
+    for path in args.inputs:
+        spec = _load_json(Path(path))
+        for key in ("sft_points", "rl_branches"):
+            if key not in spec:
+                raise KeyError(f"{path}: missing top-level key {key!r}")
+        report = analyze(spec["sft_points"], spec["rl_branches"], metric=args.metric,
+                         bench_sizes=spec.get("bench_sizes"), fit_settings=spec.get("fit_settings"),
+                         n_boot=args.boot, name=spec.get("name", Path(path).stem))
+        name = report["name"]
+        (out / f"{name}.md").write_text(format_report(report))
+        (out / f"{name}.json").write_text(json.dumps(_jsonable(report), indent=1))
+        if not args.no_plots:
+            plot_decomposition(report, out / f"{name}_ceiling.png")
+            plot_branches(report, out / f"{name}_branches.png")
+        print(format_report(report))
+        reports.append(report)
+    usable = [r for r in reports if r["min_val_loss"] is not None and r["best_A_post"] is not None]
+    if len(usable) >= 3:
+        print(f"Pearson r (min SFT validation loss vs best A_post, {len(usable)} data sets): "
+              f"{loss_ceiling_correlation(usable):.3f}")
     return 0
 
 

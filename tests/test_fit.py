@@ -229,24 +229,32 @@ def test_table4_reproduction_beats_released_code():
 
 
 def test_cli_run_and_short_branch(tmp_path, capsys):
-    sft = [{"step": 0, "eflops": 0.0, "scores": {"acc": 40.0}, "val_loss": 1.0},
-           {"step": 100, "eflops": 10.0, "scores": {"acc": 60.0}, "val_loss": 0.6}]
-    spec = {"name": "cli", "sft_points": sft, "bench_sizes": {"acc": 500},
-            "rl_branches": {"0": _branch(40.0, 55.0, 20.0, 1.5, seed=5), "100": _branch(60.0, 70.0, 20.0, 1.5)[:2]}}
-    path = tmp_path / "in.json"
-    path.write_text(json.dumps(spec))
-    out = str(tmp_path / "o")
-    assert fit.main(["run", str(path), "--out", out, "--metric", "acc", "--boot", "0", "--no-plots"]) == 0
-    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    paths = []
+    for i, (loss, ceiling) in enumerate([(0.6, 55.0), (0.5, 58.0), (0.4, 62.0)]):  # lower loss, higher ceiling
+        sft = [{"step": 0, "eflops": 0.0, "scores": {"acc": 40.0}, "val_loss": 1.0},
+               {"step": 100, "eflops": 10.0, "scores": {"acc": 60.0}, "val_loss": loss}]
+        spec = {"name": f"set{i}", "sft_points": sft, "bench_sizes": {"acc": 500},
+                "rl_branches": {"0": _branch(40.0, ceiling, 20.0, 1.5, seed=5 + i),
+                                "100": _branch(60.0, 70.0, 20.0, 1.5)[:2]}}
+        paths.append(tmp_path / f"in{i}.json")
+        paths[-1].write_text(json.dumps(spec))
+    out = tmp_path / "o"
+    args = ["run", *map(str, paths), "--out", str(out), "--metric", "acc", "--boot", "0", "--no-plots"]
+    assert fit.main(args) == 0
+    rep = json.loads((out / "set0.json").read_text())
     rows = {r["sft_step"]: r for r in rep["rows"]}
     assert rows[0]["status"] == "ok" and abs(rows[0]["A_post"] - 55.0) < 0.6
     # two RL evaluations are too few to fit: the row says so, the other branch is still fitted
     assert rows[100]["status"] == "not fitted" and "training points" in rows[100]["reason"]
-    assert "| 100 | 10.0 | stable | 60.00 | - | - |" in (tmp_path / "o" / "report.md").read_text()
-    assert "| 0 | 0.0 | adaptive | 40.00 |" in capsys.readouterr().out
+    assert "| 100 | 10.0 | stable | 60.00 | - | - |" in (out / "set0.md").read_text()
+    printed = capsys.readouterr().out
+    assert "| 0 | 0.0 | adaptive | 40.00 |" in printed
+    r = float(printed.rsplit("data sets): ", 1)[1])
+    assert r == pytest.approx(fit.pearson_r([0.6, 0.5, 0.4], [json.loads((out / f"set{i}.json").read_text())[
+        "best_A_post"] for i in range(3)]), abs=1e-3) and r < -0.9
+    paths[0].write_text(json.dumps({"sft_points": []}))
     with pytest.raises(KeyError, match="rl_branches"):
-        path.write_text(json.dumps({"sft_points": sft}))
-        fit.main(["run", str(path), "--out", str(tmp_path / "o2")])
+        fit.main(["run", str(paths[0]), "--out", str(tmp_path / "o2")])
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/retu")
