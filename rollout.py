@@ -132,23 +132,29 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 class KVCache:
     """Preallocated K/V slots plus the metadata of the forward in flight ("prefill" or "decode")."""
 
-    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        # (layers, k|v, slots, kv_heads, S, D): one slot row is contiguous per head, as decode attention reads it.
-        # Zeroed, not empty: the torch decode path reads past a row's length (masked to weight 0, but 0 * NaN
-        # from uninitialised memory would still be NaN). Stale entries of earlier sequences are finite.
-        self.kv = torch.zeros((num_layers, 2, slots, kv_heads, max_len, head_dim), dtype=dtype, device=device)
-        self.k = [self.kv[i, 0] for i in range(num_layers)]  # per-layer (slots, kv_heads, S, D) views
-        self.v = [self.kv[i, 1] for i in range(num_layers)]
-        self.triton = kernels.triton_enabled(self.kv)
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int):
+        # (layers, k|v, slots, kv_heads, S, D): one slot row is contiguous per head, as decode attention reads it
+        self.shape = (num_layers, 2, slots, kv_heads, max_len, head_dim)
+        self.kv: torch.Tensor | None = None  # allocated at the first attend(), in the dtype of the k it gets
         self.mode = ""
 
+    def _allocate(self, k: torch.Tensor):
+        # The dtype comes from the forward, not the parameters: under FSDP2 mixed precision they differ.
+        # Zeroed, not empty: the torch decode path reads past a row's length (masked to weight 0, but 0 * NaN
+        # from uninitialised memory would still be NaN). Stale entries of earlier sequences are finite.
+        self.kv = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+        self.k = [self.kv[i, 0] for i in range(self.shape[0])]  # per-layer (slots, kv_heads, S, D) views
+        self.v = [self.kv[i, 1] for i in range(self.shape[0])]
+        self.triton = kernels.triton_enabled(self.kv)
+
     def set_prefill(self, bounds: list[tuple[int, int]], dst_slot: torch.Tensor, dst_pos: torch.Tensor,
-                    src: torch.Tensor, saves: dict[int, tuple[int, int, torch.Tensor]]):
-        """Packed prompts occupy [s, e) of the row; token src[i] goes to slot dst_slot[i], position dst_pos[i];
-        saves[p] = (s, e, buffer (layers, 2, kv_heads, e - s, D)) keeps prompt p's K/V for later samples."""
+                    src: torch.Tensor, saves: dict[int, tuple[int, int]]):
+        """Packed prompts occupy [s, e) of the row; token src[i] goes to slot dst_slot[i], position dst_pos[i].
+        For each saves[p] = (s, e) the forward also fills saved[p], a (layers, 2, kv_heads, e - s, D) copy of
+        prompt p's K/V for its samples that start later."""
         self.mode, self.bounds, self.dst_slot, self.dst_pos, self.src, self.saves = \
             "prefill", bounds, dst_slot, dst_pos, src, saves
+        self.saved: dict[int, torch.Tensor] = {}
 
     def set_decode(self, pos: torch.Tensor, max_len: int):
         """Row b is slot b; its new token goes to position pos[b] and it attends to [0, pos[b]]."""
@@ -162,6 +168,8 @@ class KVCache:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, T, n_heads, D), k/v (B, T, n_kv_heads, D) -> (B, T, n_heads, D)."""
+        if self.kv is None:
+            self._allocate(k)
         kc, vc = self.k[layer_idx], self.v[layer_idx]
         if self.mode == "decode":  # T == 1, B == rows
             kc[self.rows, :, self.pos] = k[:, 0]
@@ -175,9 +183,11 @@ class KVCache:
         # prefill: B == 1, packed prompts
         kc[self.dst_slot, :, self.dst_pos] = k[0, self.src]  # (M, kv_heads, D) into every admitted sample's slot
         vc[self.dst_slot, :, self.dst_pos] = v[0, self.src]
-        for s, e, buf in self.saves.values():
-            buf[layer_idx, 0] = k[0, s:e].transpose(0, 1)
-            buf[layer_idx, 1] = v[0, s:e].transpose(0, 1)
+        for p, (s, e) in self.saves.items():
+            if layer_idx == 0:
+                self.saved[p] = k.new_empty((self.shape[0], 2, self.shape[3], e - s, self.shape[5]))
+            self.saved[p][layer_idx, 0] = k[0, s:e].transpose(0, 1)
+            self.saved[p][layer_idx, 1] = v[0, s:e].transpose(0, 1)
         q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (heads, N, D)
         o = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True,
                                                       enable_gqa=True) for s, e in self.bounds], dim=1)
@@ -202,8 +212,18 @@ def generate(model, prompts, *, max_new_tokens: int, n: int = 1, temperature: fl
         if not 0 <= t < model.config.vocab_size:
             raise ValueError(f"rollout.generate: stop token id {t} is outside the vocabulary [0, "
                              f"{model.config.vocab_size})")
-    with torch.no_grad():  # not inference_mode: FSDP2 may unshard parameters inside the forward
+    # inference_mode saves ~5% of a CPU decode step over no_grad, but FSDP2 may (re)gather parameters inside the
+    # forward and later reuse them for training, which inference tensors forbid: use no_grad under FSDP.
+    with torch.no_grad() if _is_fsdp(model) else torch.inference_mode():
         return _Engine(model, prompts, cfg).run()
+
+
+def _is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _check_prompts(prompts, config) -> list[list[int]]:
@@ -236,11 +256,12 @@ class _Engine:
         self.model, self.prompts, self.cfg = model, prompts, cfg
         c = model.config
         w = model.embed_tokens.weight
-        self.device, self.dtype = w.device, w.dtype
+        self.device = w.device
         self.ctx = c.max_position_embeddings
         max_p = max(len(p) for p in prompts)
         # positions fed to the model: the prompt plus all generated tokens but the last
         self.max_len = min(max_p + cfg.max_new_tokens - 1, self.ctx - 1)
+        # sized with the parameter dtype: never smaller than the compute dtype the cache will hold
         slot_bytes = c.num_layers * 2 * c.num_kv_heads * self.max_len * c.head_dim * w.element_size()
         budget = cfg.kv_cache_bytes
         if budget is None:
@@ -249,8 +270,7 @@ class _Engine:
         if self.slots < 1:
             raise ValueError(f"rollout.generate: kv_cache_bytes={budget} cannot hold one sequence of "
                              f"{self.max_len} positions ({slot_bytes} bytes); raise it or lower max_new_tokens")
-        self.cache = KVCache(c.num_layers, self.slots, c.num_kv_heads, self.max_len, c.head_dim, self.dtype,
-                             self.device)
+        self.cache = KVCache(c.num_layers, self.slots, c.num_kv_heads, self.max_len, c.head_dim)
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
             self.gen.seed()
@@ -339,7 +359,7 @@ class _Engine:
 
     def _prefill(self, group: list[int], slots_of: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         """One packed forward over the prompts in `group`; returns their last-position logits."""
-        c, dev = self.model.config, self.device
+        dev = self.device
         ids, positions, bounds, dst_slot, dst_pos, src, saves = [], [], [], [], [], [], {}
         off = 0
         for p in group:
@@ -353,8 +373,7 @@ class _Engine:
                 dst_pos += range(P)
                 src += range(off, off + P)
             if self.waiting[p] > 0:  # samples still queued: keep one copy of the prompt's K/V for them
-                saves[p] = (off, off + P, torch.empty((c.num_layers, 2, c.num_kv_heads, P, c.head_dim),
-                                                      dtype=self.dtype, device=dev))
+                saves[p] = (off, off + P)
             off += P
         as_t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         self.cache.set_prefill(bounds, as_t(dst_slot), as_t(dst_pos), as_t(src), saves)
@@ -362,8 +381,8 @@ class _Engine:
         logits = self.model.logits(h[0, as_t([e - 1 for _, e in bounds])])  # (len(group), V)
         self.stats["prefill_forwards"] += 1
         self.stats["prefill_tokens"] += off
-        for p, (_, _, buf) in saves.items():
-            self.saved[p] = (buf, logits[group.index(p)])
+        for p in saves:
+            self.saved[p] = (self.cache.saved[p], logits[group.index(p)])
         return dict(zip(group, logits))
 
     # -- decode -------------------------------------------------------------------------------------------------
@@ -372,10 +391,10 @@ class _Engine:
         live = [s for s in range(self.slots) if self.seq[s] is not None]
         hi = live[-1] + 1  # rows [0, hi); free slots below hi ride along with harmless writes at position 0
         self.cache.set_decode(self.pos[:hi], max(self.h_pos[s] for s in live) + 1)
-        h = self.model(self.tokens_in[:hi, None], position_ids=self.pos[:hi, None], cache=self.cache,
-                       hidden_only=True)                                              # (hi, 1, H)
-        tok, lp = sample(self.model.logits(h[:, 0]), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
-                         self.gen)                                                    # (hi,), (hi,)
+        # one token per row: the forward may as well return the logits (inside forward, where FSDP2 has the
+        # LM head unsharded)
+        logits = self.model(self.tokens_in[:hi, None], position_ids=self.pos[:hi, None], cache=self.cache)
+        tok, lp = sample(logits[:, 0], self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.gen)  # (hi,)
         rows = self.cache.rows
         self.out_tok[rows, self.count[:hi]] = tok
         self.out_lp[rows, self.count[:hi]] = lp

@@ -3,6 +3,10 @@ top-k / top-p / temperature distribution; plus stop/length handling, seeding, th
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +282,43 @@ def test_uninitialised_memory_cannot_leak_into_results(monkeypatch):
     outs = generate(model, PROMPTS, max_new_tokens=4, temperature=0, max_batch=3)
     assert [o.token_ids for o in outs] == want
     assert all(math.isfinite(lp) for o in outs for lp in o.logprobs)
+
+
+FSDP_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import rollout
+from model import ModelConfig, Transformer
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[1])
+prompts = [[5, 6, 7], [9] * 11, [3]]
+for param_dtype in (None, torch.bfloat16):
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.tiny("Qwen2ForCausalLM")).to(param_dtype or torch.float32)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny("Qwen2ForCausalLM"))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    want = rollout.generate(plain, prompts, n=2, max_new_tokens=6, temperature=0, max_batch=3)
+    got = rollout.generate(model, prompts, n=2, max_new_tokens=6, temperature=0, max_batch=3)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want], param_dtype
+    assert [o.logprobs for o in got] == [o.logprobs for o in want], param_dtype
+    ids = torch.tensor([prompts[1] + got[2].token_ids])  # the same model trains right after sampling
+    logp, _ = model(ids[:, :-1], targets=ids[:, 1:])
+    logp.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters())
+dist.destroy_process_group()
+print("fsdp ok")
+'''
+
+
+def test_generate_on_an_fsdp2_model_matches_the_plain_model(tmp_path):
+    """The driver samples with the FSDP2-wrapped training model (fp32, and bf16 mixed precision whose compute
+    dtype differs from the parameter dtype), then trains it: same tokens as the unwrapped model, and backward
+    still works (the sampler must not leave inference tensors behind)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path / "pg")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "fsdp ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
