@@ -242,8 +242,9 @@ def minibatch_loss(algo: str, cfg, logp, old_logp, ent, mask, rows: list[Row], c
     elif algo == "luffy":
         loss, m = losses.luffy_loss(logp, old_logp, adv, mask, expert, gamma=cfg.luffy_gamma, agg=agg)
     elif algo == "srft":
-        loss, m = losses.srft_loss(logp, adv, rewards, ent, mask, expert, gamma=cfg.luffy_gamma, agg=agg,
-                                   sft_agg=losses.Agg("token-mean", n_tokens=counts["expert_tokens"]))
+        sft_agg = losses.Agg("token-mean", n_tokens=counts["expert_tokens"])
+        loss, m = losses.srft_loss(logp, adv, mask, expert, rewards=rewards, entropy=ent, gamma=cfg.luffy_gamma,
+                                   agg=agg, sft_agg=sft_agg)
     else:  # upt
         if cfg.loss_agg == "token-mean":
             rl_agg = losses.Agg("token-mean", n_tokens=counts["rollout_tokens"])
@@ -277,7 +278,7 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
 
     def my_rows(lo, hi):
         g_rows = [[r for r in rows if r.group == g] for g in range(lo, hi)]
-        parts = T.balance_across_ranks([sum(r.length for r in g) for g in g_rows], d.world_size)[d.rank]
+        parts = D.balance_across_ranks([sum(r.length for r in g) for g in g_rows], d.world_size)[d.rank]
         return [r for j in parts for r in g_rows[j]]
 
     def microbatches(mine):
@@ -301,9 +302,10 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
         if on.sum() > 0:
             add("logp_gap", float(((logp.detach() - samp).abs() * on).sum() / on.sum()), float(on.sum()))
 
+    assigned = [my_rows(bounds[k], bounds[k + 1]) for k in range(n_mb)]
     old: dict[int, torch.Tensor] = {}
     if recompute:   # old log-probs before any update of this step (verl's recompute of old_log_prob)
-        for mb in microbatches(my_rows(0, n_groups)):
+        for mb in microbatches([r for mine in assigned for r in mine]):
             if mb is None:
                 forward(DUMMY_ROWS, False)
                 continue
@@ -312,8 +314,7 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
             for i, r in enumerate(mb):
                 old[id(r)] = logp[i].detach()
     results = []
-    for k in range(n_mb):
-        mine = my_rows(bounds[k], bounds[k + 1])
+    for mine in assigned:
         local = {"tokens": sum(len(r.response) for r in mine), "seqs": len(mine),
                  "expert_tokens": sum(len(r.response) for r in mine if r.expert),
                  "rollout_tokens": sum(len(r.response) for r in mine if not r.expert),
@@ -376,6 +377,15 @@ def row_microbatches(mine: list[Row], max_tokens: int, d: T.Dist) -> list[list[R
     return groups + [None] * (n - len(groups))
 
 
+def step_flops(config: M.ModelConfig, gen_lengths: list[int], train_lengths: list[int], recompute: bool) -> float:
+    """FLOPs of one RL step (paper App. C from actual lengths; see the module docstring): each generated sequence
+    at forward cost, each trained sequence at 3x forward (+1x for the old-log-prob pass when recomputed)."""
+    f = M.flops_for_lengths(config, gen_lengths, training=False) + M.flops_for_lengths(config, train_lengths)
+    if recompute:
+        f += M.flops_for_lengths(config, train_lengths, training=False)
+    return f
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -429,17 +439,14 @@ def _rl(cfg, d: T.Dist) -> dict:
         nonfinite = tm.pop("nonfinite")
         state["skipped_steps"] += int(tm["skipped_minibatches"] > 0)
         state["bad_in_a_row"] = state["bad_in_a_row"] + 1 if nonfinite else 0
-        gen_f = M.flops_for_lengths(config, gen_lengths, training=False)
-        train_f = M.flops_for_lengths(config, [r.length for r in rows], training=True)
-        recompute_f = (M.flops_for_lengths(config, [r.length for r in rows], training=False)
-                       if cfg.minibatches_per_step > 1 else 0.0)
-        state["eflops"] += (gen_f + train_f + recompute_f) / 1e18
+        step_f = step_flops(config, gen_lengths, [r.length for r in rows], cfg.minibatches_per_step > 1)
+        state["eflops"] += step_f / 1e18
         state["step"] += 1
         dt = time.time() - t0
         rec = {"kind": "train", "step": state["step"], **gm, **tm, "train_time": t_train, "step_time": dt,
                "gen_tokens_per_s": sum(gen_lengths) / max(gm["gen_time"], 1e-9),
                "train_tokens_per_s": sum(r.length for r in rows) / max(t_train, 1e-9),
-               "step_eflops": (gen_f + train_f + recompute_f) / 1e18, "eflops": state["eflops"], "lr": cfg.lr}
+               "step_eflops": step_f / 1e18, "eflops": state["eflops"], "lr": cfg.lr}
         log.write(rec)
         log.progress(state["step"], f"reward {gm['reward_mean']:.3f} kept {gm['kept_groups']} rounds "
                                     f"{gm['rounds']} loss {tm['loss']:.4g} gen {gm['gen_time']:.1f}s "
