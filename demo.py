@@ -466,7 +466,7 @@ class StudyConfig:
     rl_prompts_per_step: int = 16
     rl_samples_per_prompt: int = 8
     rl_lr: float = 2e-4
-    rl_ckpt_every: int = 10
+    rl_ckpt_every: int = 5                         # each RL checkpoint is one point of the branch's curve
     max_response_len: int = 128
     # evaluation of every checkpoint on every benchmark file
     eval_samples_per_prompt: int = 1
@@ -517,6 +517,10 @@ def eval_cmd(out: Path, cfg: StudyConfig, run_name: str) -> list[str]:
     return retu_cmd("eval", checkpoints=[out / "runs" / run_name], benchmarks=benches,
                     run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu",
                     samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.eval_max_new_tokens)
+
+
+def fit_cmd(sft_dir: Path, rl_runs: list[Path]) -> list[str]:
+    return retu_cmd("fit", run_dir=sft_dir, **({"rl_runs": rl_runs} if rl_runs else {}))
 
 
 def read_val_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
@@ -590,6 +594,12 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
                 run_subprocess(eval_cmd(out, cfg, name), name)
                 return {"from_step": chosen[phase]}
             stages.append(Stage(name, branch, est_s=cfg.rl_steps * 2 + 30))
+
+        def fit_pool(sft_dir=sft_dir, pool=pool):   # Plasticity-Ceiling fit of the pool's SFT run + its branches
+            ran = [runs / f"dapo_{pool}_{ph}" for ph in cfg.branch_phases if (runs / f"dapo_{pool}_{ph}").is_dir()]
+            run_subprocess(fit_cmd(sft_dir, ran), f"fit_{pool}")
+            return {"rl_runs": [r.name for r in ran]}
+        stages.append(Stage(f"fit_{pool}", fit_pool, est_s=5))
     for algo in cfg.baseline_algos:                # pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model
         stages.append(Stage(f"{algo}_base", rl_cmd(out, cfg, algo, out / "base", f"{algo}_base"),
                             est_s=cfg.rl_steps * 2))

@@ -327,7 +327,9 @@ def test_study_stages_are_real_driver_invocations(tmp_path):
     assert names.index("branches_hard") > names.index("sft_hard")
     assert {f"dapo_{p}_{ph}" for p in demo.SFT_POOLS for ph in demo.BRANCH_PHASES} <= set(names)
     assert {"grpo_base", "dapo_base", "luffy_base", "srft_base", "upt_base"} <= set(names)
+    assert names.index("fit_uniform") > names.index("dapo_uniform_severe")
     commands = [s.run for s in stages if not callable(s.run)]
+    commands.append(demo.fit_cmd(tmp_path / "runs" / "sft_small", [tmp_path / "runs" / "dapo_small_stable"]))
     commands.append(demo.rl_cmd(tmp_path, cfg, "dapo_dc", tmp_path / "ckpt", "x"))
     for cmd in commands:
         assert cmd[:2] == [sys.executable, str(demo.RETU)]
