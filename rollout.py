@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -76,13 +77,14 @@ class SamplingConfig:
 
     def __post_init__(self):
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an int >= 1"),
-            (isinstance(self.n, int) and self.n >= 1, "n (samples per prompt) must be an int >= 1"),
+            (integral(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an int >= 1"),
+            (integral(self.n) and self.n >= 1, "n (samples per prompt) must be an int >= 1"),
             (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be >= 0 (0 = greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 = no top-k)"),
-            (isinstance(self.max_batch, int) and self.max_batch >= 1, "max_batch must be an int >= 1"),
+            (integral(self.top_k) and self.top_k >= 0, "top_k must be an int >= 0 (0 = no top-k)"),
+            (integral(self.max_batch) and self.max_batch >= 1, "max_batch must be an int >= 1"),
             (self.max_prefill_tokens >= 1, "max_prefill_tokens must be >= 1"),
             (self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes must be > 0"),
         ]
@@ -90,6 +92,9 @@ class SamplingConfig:
             if not ok:
                 name = msg.split()[0]
                 raise ValueError(f"rollout.generate: {msg}, got {name}={getattr(self, name)!r}")
+        self.max_new_tokens, self.n, self.top_k, self.max_batch = \
+            int(self.max_new_tokens), int(self.n), int(self.top_k), int(self.max_batch)  # numpy ints -> int
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,7 +180,8 @@ class KVCache:
             kc[self.rows, :, self.pos] = k[:, 0]
             vc[self.rows, :, self.pos] = v[:, 0]
             if self.triton:
-                o = kernels.decode_attention(q[:, 0], kc, vc, self.seq_lens, max_len=self.max_len)
+                o = kernels.decode_attention(q[:, 0], kc, vc, self.seq_lens, slot_ids=self.rows,
+                                             max_len=self.max_len)
             else:  # the checks of decode_attention() cost more than the attention itself at these sizes
                 o = kernels.decode_attention_torch(q[:, 0], kc, vc, self.seq_lens, max_len=self.max_len,
                                                    attn_bias=self.bias)
