@@ -406,8 +406,9 @@ class StageRunner:
         t_start, est_done = time.time(), 0.0
         for k, stage in enumerate(todo):
             elapsed = time.time() - t_start
-            # scale the remaining estimate by how fast the finished stages went compared to their estimates
-            speed = elapsed / est_done if est_done > 0 else 1.0
+            # scale the remaining estimate by how fast the finished stages went compared to their estimates, once
+            # they are a tenth of the work (the first, tiny stages say nothing about the speed of training)
+            speed = elapsed / est_done if est_done >= 0.1 * left_est else 1.0
             eta = (left_est - est_done) * speed
             self.log(f"[demo] stage {skipped + k + 1}/{len(stages)} {stage.name} | elapsed {fmt_s(elapsed)} "
                      f"| ETA {fmt_s(eta)}")
@@ -468,7 +469,9 @@ class StudyConfig:
     rl_lr: float = 2e-4
     rl_ckpt_every: int = 5                         # each RL checkpoint is one point of the branch's curve
     max_response_len: int = 128
-    # evaluation of every checkpoint on every benchmark file
+    # evaluation of every checkpoint on the benchmark file of each of these levels (data/bench/level{k}.jsonl)
+    bench_levels: tuple[int, ...] = (1, 2, 3)
+    eval_temperature: float = 0.7                  # the paper's pass@1 setting
     eval_samples_per_prompt: int = 1
     eval_max_new_tokens: int = 128
 
@@ -513,9 +516,9 @@ def rl_cmd(out: Path, cfg: StudyConfig, algo: str, model_dir: Path, run_name: st
 
 
 def eval_cmd(out: Path, cfg: StudyConfig, run_name: str) -> list[str]:
-    benches = sorted((out / "data" / "bench").glob("*.jsonl"))
+    benches = [out / "data" / "bench" / f"level{lv}.jsonl" for lv in cfg.bench_levels]
     return retu_cmd("eval", checkpoints=[out / "runs" / run_name], benchmarks=benches,
-                    run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu",
+                    run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu", temperature=cfg.eval_temperature,
                     samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.eval_max_new_tokens)
 
 
