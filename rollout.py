@@ -73,6 +73,11 @@ class SamplingConfig:
     max_batch: int = 256                    # decode slots, i.e. sequences generated concurrently
     kv_cache_bytes: int | None = None       # KV cache budget; None: half the free GPU memory, or 4 GiB on CPU
     max_prefill_tokens: int = 16384         # prompt tokens per packed prefill forward (a longer prompt runs alone)
+    # Static decode: every step runs all slots at the full cache length (fixed shapes); on CUDA that step is
+    # captured once per call as a CUDA graph and replayed, removing the per-kernel launch overhead that bounds
+    # small models. Elsewhere the same static step runs eagerly (that is how the CPU tests cover it). Off by
+    # default until measured on a GPU; ignored under FSDP (its hooks would be captured too).
+    cuda_graph: bool = False
     stats: dict | None = field(default=None, repr=False)   # if a dict is given, counters are written into it
 
     def __post_init__(self):
@@ -206,13 +211,14 @@ class KVCache:
 
 def generate(model, prompts, *, max_new_tokens: int, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, stop_token_ids=(), seed: int | None = None, max_batch: int = 256,
-             kv_cache_bytes: int | None = None, max_prefill_tokens: int = 16384,
+             kv_cache_bytes: int | None = None, max_prefill_tokens: int = 16384, cuda_graph: bool = False,
              stats: dict | None = None) -> list[Completion]:
     """Sample `n` completions for each prompt (lists of token ids). Returns len(prompts) * n Completions
     ordered by (prompt_index, sample_index). See the module docstring and `SamplingConfig` for the arguments."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                          stop_token_ids=tuple(stop_token_ids), seed=seed, max_batch=max_batch,
-                         kv_cache_bytes=kv_cache_bytes, max_prefill_tokens=max_prefill_tokens, stats=stats)
+                         kv_cache_bytes=kv_cache_bytes, max_prefill_tokens=max_prefill_tokens,
+                         cuda_graph=cuda_graph, stats=stats)
     prompts = _check_prompts(prompts, model.config)
     for t in cfg.stop_token_ids:
         if not 0 <= t < model.config.vocab_size:
@@ -300,6 +306,8 @@ class _Engine:
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> (K/V copy, last logits)
         self.results: dict[tuple[int, int], Completion] = {}
         self.stop = set(cfg.stop_token_ids)
+        self.static = cfg.cuda_graph and not _is_fsdp(model)
+        self.graph = None
         self.stats = cfg.stats if cfg.stats is not None else {}
         self.stats.update(slots=S, prefill_forwards=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
                           started=0, refills=0, compactions=0)
@@ -309,7 +317,8 @@ class _Engine:
             if self.queue and self.free:
                 self._admit()
                 continue  # admission may finish sequences at once (stop token first, max_new_tokens == 1)
-            self._compact_if_sparse()
+            if not self.static:  # a static step computes every slot anyway
+                self._compact_if_sparse()
             self._decode_step()
         return [self.results[(p, j)] for p in range(len(self.prompts)) for j in range(self.cfg.n)]
 
@@ -393,14 +402,41 @@ class _Engine:
 
     # -- decode -------------------------------------------------------------------------------------------------
 
-    def _decode_step(self):
-        live = [s for s in range(self.slots) if self.seq[s] is not None]
-        hi = live[-1] + 1  # rows [0, hi); free slots below hi ride along with harmless writes at position 0
-        self.cache.set_decode(self.pos[:hi], max(self.h_pos[s] for s in live) + 1)
+    def _forward_rows(self, hi: int, max_len: int) -> torch.Tensor:
+        """Feed each slot in [0, hi) its last token; returns the next-token logits (hi, V)."""
+        self.cache.set_decode(self.pos[:hi], max_len)
         # one token per row: the forward may as well return the logits (inside forward, where FSDP2 has the
         # LM head unsharded)
-        logits = self.model(self.tokens_in[:hi, None], position_ids=self.pos[:hi, None], cache=self.cache)
-        tok, lp = sample(logits[:, 0], self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.gen)  # (hi,)
+        return self.model(self.tokens_in[:hi, None], position_ids=self.pos[:hi, None], cache=self.cache)[:, 0]
+
+    def _static_logits(self) -> torch.Tensor:
+        """The fixed-shape step (all slots, full cache length), replayed from a CUDA graph when on CUDA."""
+        if self.device.type != "cuda":
+            return self._forward_rows(self.slots, self.max_len)
+        if self.graph is None:
+            # Warm up on a side stream (Triton compilation, cuBLAS workspaces), then capture. The warm-up writes
+            # the same K/V the real step writes (same tokens at the same positions), so it changes nothing.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward_rows(self.slots, self.max_len)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_out = self._forward_rows(self.slots, self.max_len)
+        # inputs are read from tokens_in / pos, which every step updates in place
+        self.graph.replay()
+        return self.graph_out
+
+    def _decode_step(self):
+        live = [s for s in range(self.slots) if self.seq[s] is not None]
+        if self.static:
+            hi, logits = self.slots, self._static_logits()
+        else:  # rows [0, hi); free slots below hi ride along with harmless writes at position 0
+            hi = live[-1] + 1
+            logits = self._forward_rows(hi, max(self.h_pos[s] for s in live) + 1)
+        tok, lp = sample(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.gen)  # (hi,)
         rows = self.cache.rows
         self.out_tok[rows, self.count[:hi]] = tok
         self.out_lp[rows, self.count[:hi]] = lp

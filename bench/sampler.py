@@ -9,8 +9,10 @@ always, and HF transformers `generate` when transformers is importable (a bench-
 dependency). Both engines load the same random-weight checkpoint written by `model.save_pretrained`, and
 every run samples (no stop tokens) so all of them generate exactly the same number of tokens.
 
-On CUDA it also reports decode memory bandwidth as a fraction of the card's peak: per decode step the weights
-are read once and every sequence reads its cached K/V, so bytes = steps * weight bytes + sum of KV bytes read.
+On CUDA it runs rollout.generate eagerly and with cuda_graph=True (and prints how often their greedy tokens
+agree, a check of the graph path), and reports decode memory bandwidth as a fraction of the card's peak: per
+decode step the weights are read once and every sequence reads its cached K/V, so bytes = steps * weight bytes
++ sum of KV bytes read.
 The whole generate() time (prefill included) is in the denominator, so the fraction is a lower bound.
 This is not a test: numbers depend on the machine and on what else runs on it.
 """
@@ -116,19 +118,28 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
     plist = prompts.tolist()
     label = f"{shape} B={batch} P={plen} new={new} {str(dtype).removeprefix('torch.')}"
 
-    def ours():
-        outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0)
+    def ours(cuda_graph):
+        outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)
         assert sum(len(o.token_ids) for o in outs) == batch * new
 
-    generate(model, plist, max_new_tokens=4, temperature=TEMPERATURE, seed=0)  # warm-up
-    t = min(timed(ours, device) for _ in range(2))
-    row = {"run": label, "engine": "rollout.generate", "tok/s": batch * new / t, "s": t}
+    # on CUDA also the static step replayed as a CUDA graph (rollout's cuda_graph option)
+    for cuda_graph in (False, True) if device.type == "cuda" else (False,):
+        generate(model, plist, max_new_tokens=4, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)  # warm-up
+        t = min(timed(lambda g=cuda_graph: ours(g), device) for _ in range(3))
+        engine = "rollout.generate" + (" cuda_graph" if cuda_graph else "")
+        row = {"run": label, "engine": engine, "tok/s": batch * new / t, "s": t}
+        if device.type == "cuda":
+            peak = next((bw for name, bw in PEAK_BW if name in torch.cuda.get_device_name()), None)
+            bw = roofline(cfg, model, batch, plen, new, t, dtype)
+            row["GB/s"] = bw / 1e9
+            row["roofline"] = None if peak is None else bw / peak
+        rows.append(row)
     if device.type == "cuda":
-        peak = next((bw for name, bw in PEAK_BW if name in torch.cuda.get_device_name()), None)
-        bw = roofline(cfg, model, batch, plen, new, t, dtype)
-        row["GB/s"] = bw / 1e9
-        row["roofline"] = None if peak is None else bw / peak
-    rows.append(row)
+        eager, graph = (generate(model, plist, max_new_tokens=32, temperature=0, cuda_graph=c) for c in (False, True))
+        same = sum(a == b for x, y in zip(eager, graph) for a, b in zip(x.token_ids, y.token_ids))
+        print(f"# {label}: greedy tokens equal between eager and cuda_graph: {same}/{batch * 32} "
+              "(bf16 near-ties may differ)")
+    row = next(r for r in rows if r["run"] == label and r["engine"] == "rollout.generate")
     base = row["tok/s"]
     if not skip_no_cache:
         with torch.no_grad():
@@ -138,11 +149,11 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
     if hf is not None:
         with torch.no_grad():
             hf_generate(hf, prompts, 4)
-            t = min(timed(lambda: hf_generate(hf, prompts, new), device) for _ in range(2))
+            t = min(timed(lambda: hf_generate(hf, prompts, new), device) for _ in range(3))
         rows.append({"run": label, "engine": "HF transformers generate", "tok/s": batch * new / t, "s": t})
     for r in rows:
         if r["run"] == label:
-            r["ours / this"] = base / r["tok/s"]
+            r["ours / this"] = base / r["tok/s"]  # relative to the default (eager) rollout.generate
 
 
 def main():

@@ -77,6 +77,20 @@ def test_greedy_with_stop_tokens_matches_naive_and_compacts():
     assert stats["compactions"] >= 1  # early finishers leave holes; the long tail gets compacted
 
 
+def test_static_decode_matches_naive_loop():
+    """cuda_graph=True decodes every slot at the full cache length each step (the shape a CUDA graph replays);
+    on CPU that static step runs eagerly. Same tokens as the naive loop, with refills and early stops."""
+    model = tiny_model()
+    stop = (naive_greedy(model, PROMPTS[0], 8)[2],)
+    stats = {}
+    outs = generate(model, PROMPTS, n=2, max_new_tokens=8, temperature=0, stop_token_ids=stop, max_batch=3,
+                    cuda_graph=True, stats=stats)
+    for o in outs:
+        assert o.token_ids == naive_greedy(model, PROMPTS[o.prompt_index], 8, stop=stop)
+    assert stats["refills"] > 0 and stats["compactions"] == 0
+    assert stats["decode_rows"] == 3 * stats["decode_steps"]  # every step ran all 3 slots
+
+
 def test_small_kv_budget_and_prefill_chunks_give_the_same_tokens():
     model = tiny_model()
     c = model.config
