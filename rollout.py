@@ -5,8 +5,11 @@
     outs[0].prompt_index, outs[0].token_ids, outs[0].logprobs, outs[0].finish_reason   # "stop" | "length"
 
 The sampler uses the very model object that is trained (only through `model(...)` with the cache hook and
-`model.logits`), so there is no weight sync and no format translation; under FSDP2 the caller unshards first.
-The design follows nano-vllm and gpt-fast, minus paging and CUDA graphs:
+`model.logits`), so there is no weight sync, no format translation and no sampler/trainer log-prob mismatch
+beyond kernel rounding. It runs on an FSDP2-wrapped model as is (the forward gathers the parameters; the cache
+takes the forward's compute dtype, so mixed precision works). The authors' code samples with an external vLLM
+instead (rollout temperature 0.7, top_p 1, top_k -1 in RETU's DAPO runs); the sampling semantics match.
+The design follows nano-vllm and gpt-fast, minus paging:
 
 * **KV cache**: one tensor (layers, 2, slots, kv_heads, S, head_dim), allocated once per call. S is the
   longest prompt + max_new_tokens - 1 (capped by the context); the number of slots is min(max_batch, samples,
@@ -23,6 +26,8 @@ The design follows nano-vllm and gpt-fast, minus paging and CUDA graphs:
   the cost of a step follows the live batch, not the batch we started with.
 * **Decode attention**: `kernels.decode_attention` (Triton split-K flash-decoding with GQA) on CUDA; on CPU a
   torch path that reuses one additive length mask for all layers of a step.
+* **CUDA graphs** (`cuda_graph=True`, off by default until measured on a GPU): every step runs all slots at
+  the full cache length, so its shapes never change and it is captured once per call and replayed.
 * **Sampling on device**: temperature, then top-k, then top-p (the order of vLLM and HF), then inverse-CDF
   sampling with one seeded uniform per sequence; the only host sync per step is reading the new tokens when
   stop tokens are set (lengths are tracked on host).
