@@ -19,6 +19,7 @@ This is not a test: numbers depend on the machine and on what else runs on it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -118,18 +119,29 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
     plist = prompts.tolist()
     label = f"{shape} B={batch} P={plen} new={new} {str(dtype).removeprefix('torch.')}"
 
-    def ours(cuda_graph):
-        outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)
-        assert sum(len(o.token_ids) for o in outs) == batch * new
-
-    # on CUDA also the static step replayed as a CUDA graph (rollout's cuda_graph option)
-    for cuda_graph in (False, True) if device.type == "cuda" else (False,):
-        generate(model, plist, max_new_tokens=4, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)  # warm-up
-        t = min(timed(lambda g=cuda_graph: ours(g), device) for _ in range(3))
-        engine = "rollout.generate" + (" cuda_graph" if cuda_graph else "")
-        row = {"run": label, "engine": engine, "tok/s": batch * new / t, "s": t}
-        if device.type == "cuda":
-            peak = next((bw for name, bw in PEAK_BW if name in torch.cuda.get_device_name()), None)
+    engines = {}  # name -> a function generating batch * new tokens
+    for cuda_graph in (False, True) if device.type == "cuda" else (False,):  # on CUDA also the graph replay
+        def ours(cuda_graph=cuda_graph):
+            outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)
+            assert sum(len(o.token_ids) for o in outs) == batch * new
+        engines["rollout.generate" + (" cuda_graph" if cuda_graph else "")] = ours
+    if hf is not None:
+        engines["HF transformers generate"] = lambda: hf_generate(hf, prompts, new)
+    with torch.no_grad():
+        for fn in engines.values():  # warm-up (Triton/cuBLAS initialisation, allocator)
+            fn()
+        best = {name: math.inf for name in engines}
+        for _ in range(3):  # interleaved, best of 3: fairer than back-to-back runs on a machine with other load
+            for name, fn in engines.items():
+                best[name] = min(best[name], timed(fn, device))
+        if not skip_no_cache:  # one run: it is slow, and not the comparison that matters
+            no_cache_loop(model, prompts, 2, g)
+            best["no-cache loop"] = timed(lambda: no_cache_loop(model, prompts, new, g), device)
+    base = batch * new / best["rollout.generate"]
+    for name, t in best.items():
+        row = {"run": label, "engine": name, "tok/s": batch * new / t, "s": t, "ours / this": base * t / (batch * new)}
+        if device.type == "cuda" and name.startswith("rollout"):
+            peak = next((bw for gpu, bw in PEAK_BW if gpu in torch.cuda.get_device_name()), None)
             bw = roofline(cfg, model, batch, plen, new, t, dtype)
             row["GB/s"] = bw / 1e9
             row["roofline"] = None if peak is None else bw / peak
@@ -139,21 +151,6 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
         same = sum(a == b for x, y in zip(eager, graph) for a, b in zip(x.token_ids, y.token_ids))
         print(f"# {label}: greedy tokens equal between eager and cuda_graph: {same}/{batch * 32} "
               "(bf16 near-ties may differ)")
-    row = next(r for r in rows if r["run"] == label and r["engine"] == "rollout.generate")
-    base = row["tok/s"]
-    if not skip_no_cache:
-        with torch.no_grad():
-            no_cache_loop(model, prompts, 2, g)
-            t = timed(lambda: no_cache_loop(model, prompts, new, g), device)
-        rows.append({"run": label, "engine": "no-cache loop", "tok/s": batch * new / t, "s": t})
-    if hf is not None:
-        with torch.no_grad():
-            hf_generate(hf, prompts, 4)
-            t = min(timed(lambda: hf_generate(hf, prompts, new), device) for _ in range(3))
-        rows.append({"run": label, "engine": "HF transformers generate", "tok/s": batch * new / t, "s": t})
-    for r in rows:
-        if r["run"] == label:
-            r["ours / this"] = base / r["tok/s"]  # relative to the default (eager) rollout.generate
 
 
 def main():
