@@ -22,6 +22,11 @@ CORPUS = ["user", "assistant", "system", "Please reason step by step, and put yo
          [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)]
 
 
+# words for synthetic responses of any length (bench/sft.py)
+WORDS_FOR_BENCH = ["apple", "banana", "cherry", "copy", "the", "word", "answer", "is", "step", "by", "reason",
+                   "plus", "what", "put", "final", "within", "and", "your"]
+
+
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 320) -> Path:
     """tokenizer.json (byte-level BPE: any text round-trips) + a Qwen-style tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
