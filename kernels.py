@@ -129,8 +129,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Returns a new tensor ``cat(x1*cos - x2*sin, x2*cos + x1*sin)`` with x1, x2 the two halves of the last dim.
     """
-    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] * 2 != x.shape[-1] \
-            or cos.shape[-2] != x.shape[1] or cos.dim() not in (2, 3):
+    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.dim() not in (2, 3) \
+            or tuple(cos.shape) not in ((x.shape[1], x.shape[3] // 2), (x.shape[0], x.shape[1], x.shape[3] // 2)):
         raise ValueError(f"apply_rope: x {tuple(x.shape)} must be (B, T, H, D) and cos/sin (B, T, D/2) or (T, D/2); "
                          f"got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if triton_enabled(x, cos, sin):

@@ -135,7 +135,9 @@ def test_bad_shapes_raise():
         kernels.decode_attention(torch.zeros(2, 4, 8), torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8),
                                  torch.tensor([1, 6]))
     with pytest.raises(ValueError, match="apply_rope"):
-        kernels.apply_rope(torch.zeros(1, 3, 2, 8), torch.zeros(3, 3), torch.zeros(3, 3))
+        kernels.apply_rope(torch.zeros(1, 3, 2, 8), torch.zeros(3, 3), torch.zeros(3, 3))  # D/2 = 4, not 3
+    with pytest.raises(ValueError, match="apply_rope"):
+        kernels.apply_rope(torch.zeros(2, 3, 2, 8), torch.zeros(3, 3, 4), torch.zeros(3, 3, 4))  # batch 3 != 2
     with pytest.raises(ValueError, match="rms_norm"):
         kernels.rms_norm(torch.zeros(2, 4), torch.ones(5), 1e-6)
 
