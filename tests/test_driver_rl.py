@@ -214,3 +214,26 @@ def test_fit_reads_run_directories(tmp_path):
     spec = json.loads((sft / "fit" / "input.json").read_text())
     assert spec["bench_sizes"] == sizes and [p.get("val_loss") for p in spec["sft_points"]] == [2.0, 1.0, 0.9]
     assert (sft / "fit" / "report.md").exists()
+
+
+def test_rl_resume_continues_exactly(toy, monkeypatch):
+    """Crash in step 4 of 5 (checkpoints every 2), resume: steps 3-5 match an uninterrupted run, because sampling
+    seeds and the prompt stream are functions of the saved state."""
+    assert retu.main(rl_args(toy, "dapo", "rl_ref", steps=5, save_every=2)) == 0
+    real = rl.collect_batch
+
+    def crash(model, tok, prompts, cfg, state, d, stop_ids):
+        if state["step"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(model, tok, prompts, cfg, state, d, stop_ids)
+    monkeypatch.setattr(rl, "collect_batch", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        retu.main(rl_args(toy, "dapo", "rl_crash", steps=5, save_every=2))
+    monkeypatch.setattr(rl, "collect_batch", real)
+    assert retu.main(rl_args(toy, "dapo", "rl_crash", steps=5, save_every=2, resume="auto")) == 0
+    want = {r["step"]: r for r in records(toy[2] / "rl_ref")}
+    got = {r["step"]: r for r in records(toy[2] / "rl_crash")}
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for s in range(1, 6):
+        for key in ("reward_mean", "loss", "rounds", "kept_groups", "eflops"):
+            assert got[s][key] == pytest.approx(want[s][key], abs=1e-6), (s, key)

@@ -40,7 +40,7 @@ def argv(ck, train, run, **kw):
     flags.update(kw)
     out = ["sft"]
     for k, v in flags.items():
-        out += ["--" + k.replace("_", "-"), str(v)]
+        out += ["--" + k.replace("_", "-")] + ([str(v)] if v != "" else [])   # "" = a bare boolean flag
     return out
 
 
@@ -223,3 +223,11 @@ def test_sft_memorises_a_small_set(tmp_path):
     outs = rollout.generate(net, prompts, n=1, max_new_tokens=12, temperature=0.0, stop_token_ids=tok.eos_token_ids)
     for o, r in zip(outs, recs):
         assert o.finish_reason == "stop" and tok.decode(o.token_ids[:-1]) == r["response"]
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(setup, reference_run):
+    ck, train, tmp = setup
+    assert retu.main(argv(ck, train, tmp / "ac", activation_checkpointing="")) == 0
+    a = [r["loss"] for r in records(reference_run)]
+    b = [r["loss"] for r in records(tmp / "ac")]
+    assert np.allclose(a, b, rtol=0, atol=1e-6)
