@@ -34,9 +34,18 @@ Tokenizer: byte-level BPE with Qwen2's pre-tokenizer (every digit its own token)
 and the ChatML special tokens; `tokenizer_config.json` carries a ChatML chat template and eos `<|im_end|>` as
 Qwen's chat models do.
 
+Sizes (default seed, this tokenizer): response tokens per level 21.7 / 49.4 / 79.9 (max 22 / 53 / 89); the
+problem text 10.5-12.6 tokens, plus 16 for the driver's default instruction and 8 for the ChatML frame.
+
 The study itself is a list of `Stage`s: each is one `retu.py` subcommand run as a subprocess (the real driver,
 not a parallel toy implementation), or an in-process step such as writing the data. `StageRunner` skips a
-stage whose marker file exists, so re-running the demo resumes after the last finished stage.
+stage whose marker file exists, so re-running the demo resumes after the last finished stage. The runs:
+  * `sft_{pool}` (+ `eval_sft_{pool}`): pure SFT on each pool, validation loss and a checkpoint every N steps;
+  * `branches_{pool}`: fit.sft_subphases labels the checkpoints from the validation loss; one checkpoint per
+    sub-phase (adaptive / stable / mild / severe, where present) is chosen and written to branches.json;
+  * `dapo_{pool}_{phase}`: DAPO_dc (eps_high 0.28) from that checkpoint on the RL prompts, then its evaluation;
+  * `fit_{pool}`: `retu.py fit` on the SFT run and the branches that ran (Plasticity-Ceiling decomposition);
+  * `{grpo,dapo,luffy,srft,upt}_base`: pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model, evaluated.
 """
 from __future__ import annotations
 
