@@ -279,7 +279,20 @@ def sft_eval_loss(model, ds: D.TokenizedSFT, cfg: SFTConfig, d: T.Dist) -> float
 
 
 def run_sft(cfg: SFTConfig) -> dict:
-    """Train; return the final trainer state (step, eflops, skipped, ...)."""
+    """`retu.py sft`: the paper's SFT (Eq. 1; App. B.1; the authors' recipe in algorithms.md Sec. 9).
+
+    Each step takes `sequences_per_step` examples (a seeded permutation per epoch, last partial batch dropped),
+    splits them over ranks balanced by tokens, packs each rank's share into micro-batches of at most
+    `tokens_per_microbatch` tokens, and trains the response tokens (EOS included) with AdamW, warmup + cosine,
+    gradient clipping. A step whose loss or gradient norm is not finite is skipped (no update) and counted;
+    `max_bad_steps` in a row stop the run. Validation loss every `val_every` steps (and at 0 and the end),
+    checkpoints every `save_every` steps (and at the end). Returns the final trainer state.
+
+    Deviations from the authors' code: the loss is the token mean over the whole optimiser step (all micro-batches
+    and ranks; the paper's Eq. 1 up to a constant), theirs a mean of per-micro-batch token means, which depends on
+    the micro-batch size. Compute is counted per sequence at its own length (3x forward, App. C); the paper's
+    estimate uses the dataset-mean length, which is lower by E[s^2]/E[s]^2 in the attention term. Every rank reads
+    and tokenises the whole file (simple; for very large sets tokenise once offline)."""
     d = T.init_distributed(cfg.device)
     try:
         return _sft(cfg, d)

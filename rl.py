@@ -427,7 +427,6 @@ def _rl(cfg, d: T.Dist) -> dict:
                "train_prompts": len(prompts), "train_overlong": report.overlong, "model_config": config.to_hf()})
     while state["step"] < cfg.steps:
         t0 = time.time()
-        model.eval()
         rows, gm = collect_batch(model, tok, prompts, cfg, state, d, stop_ids)
         gen_lengths = gm.pop("_gen_lengths")
         t1 = time.time()

@@ -306,7 +306,15 @@ class Metrics:
         self.f = self.tb = None
         if d.is_main:
             os.makedirs(run_dir, exist_ok=True)
-            self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a" if append else "w")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if append and os.path.exists(path):
+                # resuming at first_step: drop what the interrupted run logged after its last checkpoint, so every
+                # step appears once and the curve is the one the resumed run produces
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= first_step]
+                with open(path, "w") as f:
+                    f.writelines(keep)
+            self.f = open(path, "a" if append else "w")
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(os.path.join(run_dir, "tb"))

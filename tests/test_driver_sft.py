@@ -151,6 +151,7 @@ def test_a_checkpoint_interrupted_mid_write_is_never_used(setup, reference_run, 
     assert sorted(os.listdir(ckdir)) == [".tmp_step_00000004", "step_00000002"]
     assert [Path(p).name for p in T.list_checkpoints(str(run))] == ["step_00000002"]
     assert retu.main(argv(ck, train, run, resume="auto")) == 0
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5, 6]   # steps 3-4 of the torn run were dropped
     got = {r["step"]: r["loss"] for r in records(run)}
     want = {r["step"]: r["loss"] for r in records(reference_run)}
     assert all(abs(got[s] - want[s]) < 1e-6 for s in range(1, 7))
