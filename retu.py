@@ -6,7 +6,7 @@
                                              --model runs/sft/checkpoints/step_00010800/hf \\
                                              --train rl.jsonl --run-dir runs/dapo
     python retu.py eval --checkpoints runs/sft --benchmarks aime24.jsonl gsm8k.jsonl --run-dir runs/sft
-    python retu.py fit  --run-dir runs/sft
+    python retu.py fit  --run-dir runs/sft --rl-runs runs/dapo
 
 Every subcommand has one config dataclass below; its fields are the command-line flags (`--field-name`), and the
 resolved config is the first record of the run's metrics.jsonl. Batch sizes carry their unit in the name:
@@ -97,11 +97,11 @@ class SFTConfig(CommonConfig):
 ALGOS = ("grpo", "dapo", "luffy", "srft", "upt")
 # per-algorithm defaults from the authors' launchers (algorithms.md Sec. 4-7); an explicit flag overrides them
 ALGO_DEFAULTS = {
-    "grpo": dict(lr=1e-6, temperature=0.7, entropy_coef=0.0, norm_adv_by_std=True, clip_c=0.0),
-    "dapo": dict(lr=1e-6, temperature=0.7, entropy_coef=0.0, norm_adv_by_std=True, clip_c=10.0),
-    "luffy": dict(lr=1e-6, temperature=1.0, entropy_coef=0.001, norm_adv_by_std=False, clip_c=0.0),
-    "srft": dict(lr=1e-6, temperature=1.0, entropy_coef=0.001, norm_adv_by_std=False, clip_c=0.0),
-    "upt": dict(lr=5e-6, temperature=1.0, entropy_coef=0.001, norm_adv_by_std=False, clip_c=0.0),
+    "grpo": dict(lr=1e-6, temperature=0.7, entropy_coef=0.0, norm_adv_by_std=True),
+    "dapo": dict(lr=1e-6, temperature=0.7, entropy_coef=0.0, norm_adv_by_std=True),
+    "luffy": dict(lr=1e-6, temperature=1.0, entropy_coef=0.001, norm_adv_by_std=False),
+    "srft": dict(lr=1e-6, temperature=1.0, entropy_coef=0.001, norm_adv_by_std=False),
+    "upt": dict(lr=5e-6, temperature=1.0, entropy_coef=0.001, norm_adv_by_std=False),
 }
 
 
@@ -130,7 +130,7 @@ class RLConfig(CommonConfig):
     skip_grad_norm: float = opt(0.0, "skip the update when the grad norm exceeds this (0: never; UPT script 80)")
     eps_low: float = opt(0.2, "PPO clip, lower")
     eps_high: float = opt(0.2, "PPO clip, upper (0.28 = DAPO_dc)")
-    clip_c: float = opt(-1.0, "dual clip for A < 0 (0: off; -1: algo default, dapo 10)")
+    clip_c: float = opt(0.0, "dual clip for A < 0, loss capped at c|A| (0: off, the paper; authors' DAPO runs: 10)")
     norm_adv_by_std: str = opt("auto", "divide group advantages by std: auto (algo default) | true | false")
     kl_coef: float = opt(0.0, "KL-to-reference loss coefficient (0: no reference model is built)")
     kl_type: str = opt("k3", "k1 | k2 | k3 | abs")
@@ -150,7 +150,7 @@ class RLConfig(CommonConfig):
         if self.algo not in ALGOS:
             raise ValueError(f"--algo must be one of {ALGOS}, got {self.algo!r}")
         dflt = ALGO_DEFAULTS[self.algo]
-        for k in ("lr", "temperature", "entropy_coef", "clip_c"):
+        for k in ("lr", "temperature", "entropy_coef"):
             if getattr(self, k) < 0:
                 setattr(self, k, dflt[k])
         if self.norm_adv_by_std == "auto":

@@ -170,7 +170,7 @@ def test_rl_algorithm_defaults_follow_the_authors_launchers():
     dapo = rl()
     assert (dapo.algo, dapo.lr, dapo.temperature, dapo.entropy_coef, dapo.norm_adv_by_std) == \
         ("dapo", 1e-6, 0.7, 0.0, "true")
-    assert dapo.prompts_per_round == 128 and dapo.eps_high == 0.2 and dapo.clip_c == 10.0 and dapo.kl_coef == 0
+    assert dapo.prompts_per_round == 128 and dapo.eps_high == 0.2 and dapo.clip_c == 0 and dapo.kl_coef == 0
     assert rl("--eps-high", "0.28").eps_high == 0.28                         # DAPO_dc
     luffy = rl("--algo", "luffy")
     assert (luffy.temperature, luffy.entropy_coef, luffy.norm_adv_by_std, luffy.prompts_per_round) == \

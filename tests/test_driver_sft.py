@@ -213,13 +213,13 @@ def test_sft_memorises_a_small_set(tmp_path):
     recs = [{"prompt": f"copy the word {w}", "response": f"the word is {w}"} for w in WORDS[:6]]
     train = write_jsonl(tmp_path / "mem.jsonl", recs)
     run = tmp_path / "mem"
-    assert retu.main(argv(ck, train, run, val=train, sequences_per_step=6, max_steps=150, lr=3e-3, save_every=150,
+    assert retu.main(argv(ck, train, run, val=train, sequences_per_step=6, max_steps=200, lr=3e-3, save_every=200,
                           val_every=50, warmup_ratio=0.05)) == 0
     val = records(run, "val")
-    assert [v["step"] for v in val] == [0, 50, 100, 150]
+    assert [v["step"] for v in val] == [0, 50, 100, 150, 200]
     assert val[0]["val_loss"] > 3.0 and val[-1]["val_loss"] < 0.05
     tok = M.load_tokenizer(ck)
-    net = M.from_pretrained(run / "checkpoints" / "step_00000150" / "hf")
+    net = M.from_pretrained(run / "checkpoints" / "step_00000200" / "hf")
     prompts = [tok.encode(D.format_prompt(tok, r["prompt"])) for r in recs]
     outs = rollout.generate(net, prompts, n=1, max_new_tokens=12, temperature=0.0, stop_token_ids=tok.eos_token_ids)
     for o, r in zip(outs, recs):
