@@ -114,14 +114,34 @@ def problem_at(digits: tuple[int, int], index: int) -> tuple[int, int]:
     return lo_a + i, lo_a + j
 
 
-def expert_trajectory(a: int, b: int) -> str:
+STYLES = ("compact", "digits")
+
+
+def digit_steps(a: int, d: int) -> list[str]:
+    """a * d for one digit d, the school way: one line per digit of a, lowest first, with the carry added in."""
+    lines, carry = [], 0
+    for x in reversed(str(a)):
+        v = int(x) * d + carry
+        lines.append(f"{x}*{d}" + (f"+{carry}" if carry else "") + f"={v}")
+        carry = v // 10
+    return lines
+
+
+def expert_trajectory(a: int, b: int, style: str = "compact") -> str:
     """R1-style worked solution: one partial product per non-zero digit of b (lowest place first), a running sum,
-    then the answer in \\boxed{}. No spaces inside the arithmetic: each costs a token and carries nothing."""
+    then the answer in \\boxed{}. No spaces inside the arithmetic: each costs a token and carries nothing.
+    style "digits" first works each partial product out digit by digit with carries: about twice the tokens, but
+    every step is a one-digit fact plus a carry, the style in which demo-notes.md's addition task was learned in
+    80 s. A tuning option for the demo; not calibrated against "compact" yet."""
+    if style not in STYLES:
+        raise ValueError(f"trajectory style {style!r}: expected one of {STYLES}")
     lines, partials = [], []
     for place, digit in enumerate(reversed(str(b))):
         if digit == "0":                           # a*0 adds nothing; a person skips it too
             continue
         m = int(digit) * 10**place
+        if style == "digits":
+            lines += digit_steps(a, int(digit))
         lines.append(f"{a}*{m}={a * m}")
         partials.append(a * m)
     total = partials[0]
@@ -143,6 +163,7 @@ def problem_text(a: int, b: int, template: int) -> str:
 @dataclass
 class DataConfig:
     seed: int = 0
+    style: str = "compact"                         # expert trajectory style: compact | digits (see expert_trajectory)
     # level -> (digits of the larger factor, digits of the multiplier)
     levels: dict[int, tuple[int, int]] = field(default_factory=lambda: {1: (3, 1), 2: (3, 2), 3: (3, 3)})
     # level mixtures (weights, normalised) of each SFT pool; the natural distribution is uniform over levels
@@ -158,6 +179,8 @@ class DataConfig:
     bench_size: int = 200                          # problems per level in each benchmark file
 
     def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"DataConfig.style {self.style!r}: expected one of {STYLES}")
         for lv, digits in self.levels.items():
             try:
                 level_space_size(digits)           # validates the digit counts
@@ -170,10 +193,10 @@ class DataConfig:
                                  f"with a positive total, levels among {sorted(self.levels)}")
 
     @classmethod
-    def quick(cls, seed: int = 0) -> DataConfig:
+    def quick(cls, seed: int = 0, style: str = "compact") -> DataConfig:
         """Minimum sizes that still exercise every split (`retu.py demo --quick`)."""
         mixes = cls().pools
-        return cls(seed=seed, pools={k: (min(v[0], 64), v[1]) for k, v in mixes.items()},
+        return cls(seed=seed, style=style, pools={k: (min(v[0], 64), v[1]) for k, v in mixes.items()},
                    val_size=32, rl_size=64, bench_size=16)
 
 
@@ -222,9 +245,9 @@ def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
                 if kind == "bench":
                     records.append({"problem": text, "answer": answer})
                 elif kind == "rl":
-                    records.append({"prompt": text, "answer": answer, "response": expert_trajectory(a, b)})
+                    records.append({"prompt": text, "answer": answer, "response": expert_trajectory(a, b, cfg.style)})
                 else:
-                    records.append({"prompt": text, "response": expert_trajectory(a, b)})
+                    records.append({"prompt": text, "response": expert_trajectory(a, b, cfg.style)})
             taken[lv] += counts[lv]
         rng.shuffle(records)                       # levels interleaved, as a real data set would be
         splits[fname] = records
@@ -655,8 +678,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="minimum sizes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="compact", choices=STYLES, help="expert trajectory style")
     args = p.parse_args(argv)
-    data_cfg = DataConfig.quick(args.seed) if args.quick else DataConfig(seed=args.seed)
+    data_cfg = DataConfig.quick(args.seed, args.style) if args.quick else DataConfig(seed=args.seed, style=args.style)
     StageRunner(args.out).run(prepare_stages(args.out, data_cfg, BaseModelConfig(seed=args.seed)))
 
 

@@ -59,6 +59,21 @@ def test_expert_trajectory_hand_checked():
     assert demo.expert_trajectory(250, 7) == "250*7=1750\nThe answer is \\boxed{1750}."
 
 
+def test_digits_style_hand_checked_and_every_step_true():
+    assert demo.expert_trajectory(964, 59, "digits") == (
+        "4*9=36\n6*9+3=57\n9*9+5=86\n964*9=8676\n4*5=20\n6*5+2=32\n9*5+3=48\n964*50=48200\n"
+        "8676+48200=56876\nThe answer is \\boxed{56876}.")
+    assert demo.digit_steps(105, 3) == ["5*3=15", "0*3+1=1", "1*3=3"]      # no "+0" when there is no carry
+    recs = demo.build_splits(demo.DataConfig.quick(style="digits"))["rl.jsonl"]
+    for rec in recs:
+        a, b = demo.record_factors(rec)
+        assert boxed(rec["response"]) == rec["answer"] == str(a * b)
+        for x, d, c, v in re.findall(r"^(\d)\*(\d)(?:\+(\d))?=(\d+)$", rec["response"], flags=re.M):
+            assert int(x) * int(d) + int(c or 0) == int(v)
+    with pytest.raises(ValueError, match="DataConfig.style 'bad'"):
+        demo.DataConfig(style="bad")
+
+
 def test_level_spaces_are_exact_bijections():
     # sizes by hand: 3x1 -> 900 * 8 (multiplier 2..9); 3x2 -> 900 * 90; 3x3 -> triangle 900*901/2
     assert demo.level_space_size((3, 1)) == 7200
