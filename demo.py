@@ -671,17 +671,29 @@ def prepare_stages(out_dir: str | os.PathLike, data_cfg: DataConfig, model_cfg: 
     return [Stage("data", data, 2.0), Stage("tokenizer", tokenizer, 2.0), Stage("base_model", base, 2.0)]
 
 
+def all_stages(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0, style: str = "compact",
+               prepare_only: bool = False) -> list[Stage]:
+    """The demo's stages: preparation, then (unless prepare_only) every run of the study. `retu.py demo` runs
+    these through a StageRunner and then writes the report."""
+    data_cfg = DataConfig.quick(seed, style) if quick else DataConfig(seed=seed, style=style)
+    stages = prepare_stages(out_dir, data_cfg, BaseModelConfig(seed=seed))
+    if not prepare_only:
+        stages += study_stages(out_dir, StudyConfig.quick(seed) if quick else StudyConfig(seed=seed))
+    return stages
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description="Write the toy study's data, tokenizer and base model.")
+    p = argparse.ArgumentParser(description="Prepare and run the toy study (resumable; the report is retu.py demo's).")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="minimum sizes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style", default="compact", choices=STYLES, help="expert trajectory style")
+    p.add_argument("--prepare-only", action="store_true", help="write data, tokenizer and base model only")
     args = p.parse_args(argv)
-    data_cfg = DataConfig.quick(args.seed, args.style) if args.quick else DataConfig(seed=args.seed, style=args.style)
-    StageRunner(args.out).run(prepare_stages(args.out, data_cfg, BaseModelConfig(seed=args.seed)))
+    StageRunner(args.out).run(all_stages(args.out, quick=args.quick, seed=args.seed, style=args.style,
+                                         prepare_only=args.prepare_only))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ def tokenizer(splits):
 def prepared(tmp_path_factory):
     """The demo's preparation stages run at --quick size into a temporary directory."""
     out = tmp_path_factory.mktemp("demo")
-    demo.StageRunner(out, log=lambda s: None).run(
-        demo.prepare_stages(out, demo.DataConfig.quick(), demo.BaseModelConfig()))
+    demo.StageRunner(out, log=lambda s: None).run(demo.all_stages(out, quick=True, prepare_only=True))
     return out
 
 
@@ -338,6 +337,7 @@ def test_study_stages_are_real_driver_invocations(tmp_path):
     stages = demo.study_stages(tmp_path, cfg)
     names = [s.name for s in stages]
     assert len(names) == len(set(names))
+    assert [s.name for s in demo.all_stages(tmp_path)] == ["data", "tokenizer", "base_model"] + names
     assert names[:2] == ["sft_small", "eval_sft_small"] and "branches_uniform" in names
     assert names.index("branches_hard") > names.index("sft_hard")
     assert {f"dapo_{p}_{ph}" for p in demo.SFT_POOLS for ph in demo.BRANCH_PHASES} <= set(names)
