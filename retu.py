@@ -81,6 +81,8 @@ class SFTConfig(CommonConfig):
     val_every: int = opt(360, "validation loss every N steps (and at the start and the end)")
     save_every: int = opt(360, "checkpoint every N steps (and at the end)")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward")
+    precision: str = opt("auto", "training compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (master "
+                                 "weights and optimiser state are always fp32)")
     resume: str = opt("", "'' | auto (latest checkpoint in run_dir) | a checkpoint directory")
     log_every: int = opt(1, "progress line every N steps (metrics.jsonl gets every step)")
 
@@ -144,6 +146,8 @@ class RLConfig(CommonConfig):
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     max_bad_steps: int = opt(10, "stop after this many non-finite steps in a row")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward")
+    precision: str = opt("auto", "training compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (master "
+                                 "weights and optimiser state are always fp32)")
     resume: str = opt("", "'' | auto | a checkpoint directory")
 
     def __post_init__(self):
@@ -318,7 +322,7 @@ def _sft(cfg: SFTConfig, d: T.Dist) -> dict:
 
     model = M.from_pretrained(cfg.model, dtype=torch.float32, device=d.device)
     config = model.config
-    T.shard_model(model, d, activation_checkpointing=cfg.activation_checkpointing)
+    T.shard_model(model, d, activation_checkpointing=cfg.activation_checkpointing, precision=cfg.precision)
     optim = T.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
 
     state = {"step": 0, "eflops": 0.0, "tokens": 0, "trained_tokens": 0, "skipped_steps": 0, "bad_in_a_row": 0}

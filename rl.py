@@ -410,12 +410,12 @@ def _rl(cfg, d: T.Dist) -> dict:
     model = M.from_pretrained(cfg.model, dtype=torch.float32, device=d.device)
     config = model.config
     stop_ids = set(tok.eos_token_ids) | set(config.eos_token_ids)
-    T.shard_model(model, d, activation_checkpointing=cfg.activation_checkpointing)
+    T.shard_model(model, d, activation_checkpointing=cfg.activation_checkpointing, precision=cfg.precision)
     ref_model = None
     if cfg.kl_coef:   # a frozen copy of the initial policy, only when the KL term is on
         ref_model = M.from_pretrained(cfg.model, dtype=torch.float32, device=d.device)
         ref_model.requires_grad_(False)
-        T.shard_model(ref_model, d)
+        T.shard_model(ref_model, d, precision=cfg.precision)
     optim = T.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
     state = {"step": 0, "eflops": 0.0, "prompt_cursor": 0, "skipped_steps": 0, "bad_in_a_row": 0}
     ckpt = T.resolve_resume(cfg.resume, cfg.run_dir)

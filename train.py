@@ -124,14 +124,20 @@ def print0(d: Dist, *args) -> None:
 # Model sharding
 
 
-def shard_model(model: torch.nn.Module, d: Dist, *, activation_checkpointing: bool = False) -> torch.nn.Module:
-    """FSDP2: fully_shard each block, then the root. bf16 compute with fp32 master weights on GPU."""
+def shard_model(model: torch.nn.Module, d: Dist, *, activation_checkpointing: bool = False,
+                precision: str = "auto") -> torch.nn.Module:
+    """FSDP2: fully_shard each block, then the root. precision "bf16": bf16 compute (parameters gathered in bf16,
+    gradients reduced in fp32) with fp32 master weights; "fp32": fp32 throughout; "auto": bf16 on GPU, fp32 on CPU."""
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
         for block in model.layers:
             checkpoint(block)   # recompute the block's activations in backward; keeps parameter names
+    if precision == "auto":
+        precision = "bf16" if d.device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be auto | bf16 | fp32, got {precision!r}")
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if d.device.type == "cuda" else MixedPrecisionPolicy())
+          if precision == "bf16" else MixedPrecisionPolicy())
     for i, block in enumerate(model.layers):
         # the last block's parameters are needed again right at the start of backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)

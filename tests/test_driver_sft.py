@@ -232,3 +232,14 @@ def test_activation_checkpointing_changes_nothing_but_memory(setup, reference_ru
     a = [r["loss"] for r in records(reference_run)]
     b = [r["loss"] for r in records(tmp / "ac")]
     assert np.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_bf16_mixed_precision_path_tracks_fp32(setup, reference_run):
+    """--precision bf16 (the GPU default) on CPU: FSDP2 gathers bf16 parameters, keeps fp32 master weights."""
+    ck, train, tmp = setup
+    assert retu.main(argv(ck, train, tmp / "bf16", precision="bf16")) == 0
+    a = [r["loss"] for r in records(reference_run)]
+    b = [r["loss"] for r in records(tmp / "bf16")]
+    assert a != b and np.allclose(a, b, rtol=0, atol=0.05)
+    w = load_file(tmp / "bf16" / "checkpoints" / "step_00000006" / "hf" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in w.values())     # the export holds the fp32 master weights
