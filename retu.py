@@ -54,6 +54,8 @@ def opt(default=MISSING, help: str = ""):
 
 @dataclass(kw_only=True)
 class CommonConfig:
+    """Fields shared by sft, rl and eval."""
+
     run_dir: str = opt(help="output directory: metrics.jsonl, checkpoints/, eval results")
     seed: int = opt(0, "seed for data order and sampling")
     device: str = opt("auto", "auto | cpu | cuda")
@@ -62,6 +64,8 @@ class CommonConfig:
 
 @dataclass(kw_only=True)
 class SFTConfig(CommonConfig):
+    """supervised fine-tuning on expert trajectories (paper Eq. 1, App. B.1)"""
+
     model: str = opt(help="HF checkpoint directory to start from (config.json, safetensors, tokenizer)")
     train: str = opt(help="SFT data (.jsonl/.parquet): {prompt, response} or {messages}")
     val: str = opt("", "held-out SFT data for the validation loss (the paper's Val-199 role)")
@@ -109,6 +113,10 @@ ALGO_DEFAULTS = {
 
 @dataclass(kw_only=True)
 class RLConfig(CommonConfig):
+    """RL from a checkpoint: grpo | dapo (DAPO_d / DAPO_dc) | luffy | srft | upt (rl.py).
+
+    Fields left at -1 / auto take the algorithm's default (ALGO_DEFAULTS)."""
+
     model: str = opt(help="HF checkpoint directory of the policy to start from (e.g. an SFT checkpoint's hf/)")
     train: str = opt(help="RL prompts (.jsonl/.parquet): {prompt, answer} (+ response for luffy/srft/upt)")
     algo: str = opt("dapo", "grpo | dapo (DAPO_d; add --eps-high 0.28 for DAPO_dc) | luffy | srft | upt")
@@ -180,6 +188,8 @@ class RLConfig(CommonConfig):
 
 @dataclass(kw_only=True)
 class EvalConfig(CommonConfig):
+    """pass@1 (avg@k) and pass@k of checkpoints on benchmark files, keyed by step and EFLOPs"""
+
     checkpoints: list[str] = opt(help="checkpoint dirs, HF dirs, or run dirs (all their checkpoints)")
     benchmarks: list[str] = opt(help="benchmark files (.jsonl/.parquet), one per benchmark: {prompt|problem, answer}")
     samples_per_prompt: int = opt(0, "samples per problem (0: 16 for sets of <= small_set_size problems, else 1)")
@@ -194,6 +204,8 @@ class EvalConfig(CommonConfig):
 
 @dataclass(kw_only=True)
 class FitConfig:
+    """the Plasticity-Ceiling analysis (fit.py) of an SFT run and its RL branches"""
+
     run_dir: str = opt(help="the SFT run: its eval.jsonl (scores per checkpoint) and metrics.jsonl (val loss)")
     rl_runs: list[str] = opt([], "RL runs branched from the SFT run's checkpoints (each with its eval.jsonl)")
     metric: str = opt("overall", "a benchmark name, or overall (problem-weighted mean)")
