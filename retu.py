@@ -508,7 +508,7 @@ def _eval(cfg: EvalConfig, d: T.Dist) -> list[dict]:
             correct = [sum(s == 1.0 for _, s, _ in p) for p in per]
             rec["scores"][name] = 100.0 * float(np.mean([np.mean([s for _, s, _ in p]) for p in per]))
             rec["pass_at_k"][name] = {str(kk): 100.0 * float(np.mean([pass_at_k(k, c, kk) for c in correct]))
-                                      for kk in (2 ** j for j in range(int(math.log2(k)) + 1))}
+                                      for kk in sorted({2 ** j for j in range(int(math.log2(k)) + 1)} | {k})}
             rec["n_problems"][name] = len(probs)
             rec["samples_per_prompt"][name] = k
             rec["truncated_frac"][name] = float(np.mean([f != "stop" for p in per for _, _, f in p]))

@@ -18,6 +18,7 @@ Checkpoints (`<run_dir>/checkpoints/step_XXXXXXXX/`):
     rng_rank{r}.pt every rank's torch / numpy / python RNG state
 A checkpoint is written into `.tmp_step_XXXXXXXX` and renamed when every piece is on disk, so a directory named
 `step_*` is always complete; a crash mid-write leaves only a `.tmp_*` directory that is ignored and overwritten.
+Multi-node runs need run_dir on a filesystem shared by all nodes (every rank writes its shards there).
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def export_hf(model: torch.nn.Module, path: str, d: Dist, tokenizer_dir: str | N
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict, d: Dist, *,
-                    tokenizer_dir: str | None, keep_state: bool = True) -> str:
+                    tokenizer_dir: str | None) -> str:
     """Write checkpoint `step` atomically (temp dir + rename). Returns its final path."""
     root = checkpoint_dir(run_dir)
     final = os.path.join(root, f"step_{step:08d}")
@@ -257,10 +258,9 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
         os.makedirs(tmp)
     dist.barrier()
     export_hf(model, os.path.join(tmp, "hf"), d, tokenizer_dir)
-    if keep_state:
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "state"))
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "state"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{d.rank}.pt"))
     dist.barrier()
     if d.is_main:
         # trainer.json is written last: its presence is what marks the checkpoint complete
