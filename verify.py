@@ -273,14 +273,14 @@ _SUBS = [  # (pattern, replacement), applied in order
     (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", ""),
     (r"\\%|\\percent|\bpercent\b", "%"),
     (r"\\\$|\$|\\euro|€|£|¥|\bUSD\b", " "),
-    (r"\\[,!;: ]|\\q?quad(?![A-Za-z])|~|\\enspace|\\thinspace", " "),
+    (r"(?<!\\)\\[,!;: ]|\\q?quad(?![A-Za-z])|~|\\enspace|\\thinspace", " "),
     (r"\binfinity\b", r"\\infty "),
     (r"\\(?:le|leq|leqslant)(?![A-Za-z])", "<="), (r"\\(?:ge|geq|geqslant)(?![A-Za-z])", ">="),
     (r"\\(?:ne|neq)(?![A-Za-z])", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
     (r"\\(?:lvert|rvert|vert)(?![A-Za-z])", "|"),
 ]
 _SUBS = [(re.compile(p), r) for p, r in _SUBS]
-_UNIT_TAIL_RE = re.compile(r"(?<=[\d}).])(?:\s+(?!(?:pi|or|and|inf|infty)\b)[A-Za-z]{2,}\.?(?:\^\{?\d\}?)?)+\s*$")
+_UNIT_TAIL_RE = re.compile(r"(?<=[\d}).])(?:\s+(?!(?:pi|or|and|inf|infty)\b)[A-Za-z]{2,}\.?(?:\s*\^\{?\d\}?)?)+\s*$")
 
 
 def _unwrap_text(s: str) -> str:
@@ -322,9 +322,9 @@ def _normalize(s: str) -> str:
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"^[A-Za-z]\s*\\in\s+", "", s)                # "x \in [1,2]"
     s = re.sub(r"\s*\((?:since|because|as|for|when|where|assuming)\b[^()]*\)?\s*$", "", s, flags=re.I)
-    s = re.sub(r"(?:\s|\\\\|[.,;:!?])+$", "", s)            # trailing punctuation and \\
+    s = re.sub(r"(?:\s|\\\\|[.,;:?])+$", "", s)             # trailing punctuation and \\ (not 5!)
     s = _UNIT_TAIL_RE.sub("", s)                             # "8 ways", "12 cm^2", "60 miles per hour"
-    s = re.sub(r"(?:\s|[.,;:!?])+$", "", s).strip()
+    s = re.sub(r"(?:\s|[.,;:?])+$", "", s).strip()
     return _NUMBER_WORDS.get(s.lower(), s)
 
 
@@ -527,7 +527,8 @@ class _Parser:
             if sets and all(s is not None for s in sets) and set(seps) == {"or"}:
                 return RealSet(sp.Union(*sets))          # "x < -1 or x > 2"
             return FSet([_finish(v) for v in items], "hedge")
-        if sets and all(s is not None for s in sets) and set(seps) == {"and"}:
+        inequalities = all(isinstance(v, Rel) and "=" not in v.ops for v in items)
+        if sets and all(s is not None for s in sets) and set(seps) == {"and"} and inequalities:
             return RealSet(sp.Intersection(*sets))        # "x > -2 and x < 3"
         return FSet([_finish(v) for v in items], "list")
 
@@ -592,9 +593,7 @@ class _Parser:
         return None
 
     def term(self):
-        left = self._mixed_number()
-        if left is None:
-            left = self.factor()
+        left = self.factor()
         while True:
             kind, text = self.peek()
             if text in ("*", "\\cdot", "\\times", "\\ast", "/", "\\div"):
@@ -617,6 +616,9 @@ class _Parser:
         return text in ("(", "{") or (text == "|" and self.abs_depth == 0)
 
     def factor(self):
+        mixed = self._mixed_number()
+        if mixed is not None:
+            return mixed
         if self.accept("-"):
             return self.guard(-_expr(self.factor()))
         if self.accept("+"):
@@ -1197,9 +1199,9 @@ def _equal(g, p, cfg: VerifyConfig) -> bool:
     if isinstance(g, Tup):
         if isinstance(p, Tup) or (isinstance(p, FSet) and p.kind == "list"):
             return _ordered_eq(g.items, p.items, cfg)
-        if isinstance(p, RealSet) and g.paren and len(g.items) == 2:
-            gs = _as_realset(g)
-            return gs is not None and _set_eq(gs, p.set, cfg)
+        if isinstance(p, (RealSet, Rel)) and g.paren and len(g.items) == 2:
+            gs, ps = _as_realset(g), _as_realset(p)        # (-2, 3) read as an open interval
+            return gs is not None and ps is not None and _set_eq(gs, ps, cfg)
         return False
     if isinstance(g, FSet):
         if isinstance(p, FSet):
@@ -1274,6 +1276,7 @@ def score(completion: str, gold: str) -> float:
 # -- batches: persistent worker processes with a hard per-item wall-clock limit
 
 def _worker_main(conn) -> None:
+    conn.send("ready")                                   # imports are done: the clock may start now
     while True:
         try:
             msg = conn.recv()
@@ -1281,73 +1284,84 @@ def _worker_main(conn) -> None:
             return
         if msg is None:
             return
-        idx, completion, gold = msg
-        v = grade(completion, gold)
+        idx, completion, gold, cfg = msg
+        v = grade(completion, gold, cfg)
         conn.send((idx, v.correct, v.reason, v.answer))
+
+
+@dataclass
+class _Worker:
+    proc: mp.Process
+    conn: object
+    ready: bool = False
+    item: int | None = None            # index of the item it is grading
+    started: float = 0.0
 
 
 class _Pool:
     def __init__(self, workers: int):
         self.ctx = mp.get_context("spawn")               # fork is unsafe once torch threads exist
-        self.slots = [self._spawn() for _ in range(workers)]
+        self.workers = [self._spawn() for _ in range(workers)]
 
-    def _spawn(self):
+    def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker_main, args=(child,), daemon=True)
         proc.start()
         child.close()
-        return [proc, parent]
+        return _Worker(proc, parent)
 
-    def _restart(self, k: int) -> None:
-        proc, conn = self.slots[k]
-        proc.kill()                                      # only our own worker, by its handle
-        proc.join(5)
-        conn.close()
-        self.slots[k] = self._spawn()
+    def _replace(self, k: int) -> None:
+        w = self.workers[k]
+        w.proc.kill()                                    # only our own worker, by its handle
+        w.proc.join(5)
+        w.conn.close()
+        self.workers[k] = self._spawn()
 
-    def run(self, items: list[tuple[str, str]], timeout_s: float) -> list[Verdict]:
+    def run(self, items: list[tuple[str, str]], cfg: VerifyConfig) -> list[Verdict]:
         out: list[Verdict | None] = [None] * len(items)
         todo = list(range(len(items)))[::-1]
-        busy: dict[int, tuple[int, float]] = {}          # slot -> (item, started)
-        while todo or busy:
-            for k in range(len(self.slots)):
-                if k not in busy and todo:
-                    idx = todo.pop()
+        while todo or any(w.item is not None for w in self.workers):
+            for k, w in enumerate(self.workers):
+                if w.ready and w.item is None and todo:
+                    w.item, w.started = todo.pop(), time.perf_counter()
                     try:
-                        self.slots[k][1].send((idx, *items[idx]))
-                        busy[k] = (idx, time.perf_counter())
+                        w.conn.send((w.item, *items[w.item], cfg))
                     except (OSError, ValueError):
-                        out[idx] = Verdict(False, "worker_crash", None)
-                        self._restart(k)
-            conns = {self.slots[k][1]: k for k in busy}
-            ready = mp_wait(list(conns), timeout=0.05)
-            for conn in ready:
+                        out[w.item] = Verdict(False, "worker_crash", None)
+                        self._replace(k)
+            conns = {w.conn: k for k, w in enumerate(self.workers) if not w.ready or w.item is not None}
+            for conn in mp_wait(list(conns), timeout=0.05):
                 k = conns[conn]
-                idx = busy.pop(k)[0]
+                w = self.workers[k]
                 try:
-                    _, correct, reason, answer = conn.recv()
-                    out[idx] = Verdict(correct, reason, answer)
+                    msg = conn.recv()
                 except (EOFError, OSError):
-                    out[idx] = Verdict(False, "worker_crash", None)
-                    self._restart(k)
+                    if w.item is not None:
+                        out[w.item] = Verdict(False, "worker_crash", None)
+                    self._replace(k)
+                    continue
+                if msg == "ready":
+                    w.ready = True
+                else:
+                    out[w.item] = Verdict(msg[1], msg[2], msg[3])
+                    w.item = None
             now = time.perf_counter()
-            for k, (idx, t0) in list(busy.items()):
-                if now - t0 > timeout_s:
-                    out[idx] = Verdict(False, "worker_timeout", None)
-                    del busy[k]
-                    self._restart(k)
+            for k, w in enumerate(self.workers):
+                if w.item is not None and now - w.started > cfg.batch_timeout_s:
+                    out[w.item] = Verdict(False, "worker_timeout", None)
+                    self._replace(k)
         return out
 
     def close(self) -> None:
-        for proc, conn in self.slots:
+        for w in self.workers:
             try:
-                conn.send(None)
+                w.conn.send(None)
             except (OSError, ValueError):
                 pass
-            proc.join(1)
-            if proc.is_alive():
-                proc.kill()
-        self.slots = []
+            w.proc.join(1)
+            if w.proc.is_alive():
+                w.proc.kill()
+        self.workers = []
 
 
 _POOL: _Pool | None = None
@@ -1372,10 +1386,10 @@ def grade_batch(completions: list[str], golds: list[str], workers: int = 2,
     if workers <= 0:
         return [grade(c, g, cfg) for c, g in zip(completions, golds)]
     global _POOL
-    if _POOL is None or len(_POOL.slots) != workers:
+    if _POOL is None or len(_POOL.workers) != workers:
         _close_pool()
         _POOL = _Pool(workers)
-    return _POOL.run(list(zip(map(str, completions), map(str, golds))), cfg.batch_timeout_s)
+    return _POOL.run(list(zip(map(str, completions), map(str, golds))), cfg)
 
 
 def score_batch(completions: list[str], golds: list[str], workers: int = 2) -> list[float]:
