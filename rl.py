@@ -284,13 +284,14 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
     def microbatches(mine):
         return row_microbatches(mine, cfg.tokens_per_microbatch, d)
 
-    def forward(mb, grad: bool):
+    def forward(mb, grad: bool, net=model):
+        """(B, R) log-probs, entropies and mask of the rows' response tokens under `net`."""
         packed, index, mask = _pack_rows(mb)
         packed, index, mask = packed.to(d.device), index.to(d.device), mask.to(d.device)
         with torch.set_grad_enabled(grad):
-            logp, ent = model(packed.input_ids, cu_seqlens=packed.cu_seqlens, targets=packed.targets,
-                              temperature=cfg.temperature, return_entropy=True)
-        return logp[0][index], ent[0][index], mask, packed
+            logp, ent = net(packed.input_ids, cu_seqlens=packed.cu_seqlens, targets=packed.targets,
+                            temperature=cfg.temperature, return_entropy=net is model)
+        return logp[0][index], (None if ent is None else ent[0][index]), mask
 
     def add(name, value, weight):
         sums[name] = sums.get(name, 0.0) + value * weight
@@ -309,7 +310,7 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
             if mb is None:
                 forward(DUMMY_ROWS, False)
                 continue
-            logp, _, mask, _ = forward(mb, False)
+            logp, _, mask = forward(mb, False)
             gap_metrics(mb, logp, mask)
             for i, r in enumerate(mb):
                 old[id(r)] = logp[i].detach()
@@ -323,21 +324,19 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
         loss_sum = 0.0
         for mb in microbatches(mine):
             if mb is None:   # keep FSDP's collectives in step with the other ranks; contributes nothing
-                logp, _, _, _ = forward(DUMMY_ROWS, True)
+                if ref_model is not None:
+                    forward(DUMMY_ROWS, False, ref_model)
+                logp, _, _ = forward(DUMMY_ROWS, True)
                 (logp.sum() * 0.0).backward()
                 continue
-            logp, ent, mask, packed = forward(mb, True)
+            logp, ent, mask = forward(mb, True)
             if not recompute:
                 gap_metrics(mb, logp, mask)
                 old_logp = logp.detach()
             else:
                 old_logp = torch.stack([torch.nn.functional.pad(old[id(r)], (0, mask.shape[1] - old[id(r)].shape[0]))
                                         for r in mb])
-            ref_logp = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_logp = ref_model(packed.input_ids, cu_seqlens=packed.cu_seqlens, targets=packed.targets,
-                                         temperature=cfg.temperature)[0][0][_pack_rows(mb)[1].to(d.device)]
+            ref_logp = forward(mb, False, ref_model)[0] if ref_model is not None else None
             loss, m = minibatch_loss(cfg.algo, cfg, logp, old_logp, ent, mask, mb, counts, ref_logp)
             loss.backward()
             loss_sum += loss.item()

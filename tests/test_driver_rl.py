@@ -126,15 +126,17 @@ def test_kl_reference_only_when_its_coefficient_is_set(toy):
 
 
 def test_rl_on_two_ranks(toy):
-    """torchrun, 2 ranks (gloo): generation on unsharded FSDP2 weights, groups gathered, 2 mini-batches."""
+    """torchrun, 2 ranks (gloo): generation on unsharded FSDP2 weights, groups gathered, 2 mini-batches, and the
+    sharded reference model of the KL term kept in step across ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "retu.py"), *rl_args(toy, "dapo", "two", steps=4, minibatches_per_step=2, save_every=2)]
+           str(ROOT / "retu.py"), *rl_args(toy, "dapo", "two", steps=4, minibatches_per_step=2, save_every=2,
+                                                       kl_coef=0.01)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     recs = records(toy[2] / "two")
-    assert len(recs) == 4 and all(np.isfinite(r["loss"]) for r in recs)
+    assert len(recs) == 4 and all(np.isfinite(r["loss"]) and r["kl"] >= 0 for r in recs)
     assert [Path(p).name for p in T.list_checkpoints(str(toy[2] / "two"))] == ["step_00000002", "step_00000004"]
 
 
