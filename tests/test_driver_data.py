@@ -199,3 +199,18 @@ def test_pass_at_k_matches_enumeration():
     assert retu.pass_at_k(16, 4, 1) == 0.25
     with pytest.raises(ValueError):
         retu.pass_at_k(2, 1, 3)
+
+
+def test_parquet_reads_like_jsonl_or_says_what_is_missing(tmp_path, tok):
+    path = tmp_path / "s.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(D.DataError, match="reading Parquet needs pyarrow"):
+            D.load_sft(str(path), tok, max_seq_len=512)
+        return
+    pq.write_table(pa.table({"prompt": ["apple", "q"], "response": ["banana", ""]}), path)
+    with pytest.raises(D.DataError, match=r"s.parquet:row 2: field 'response' is empty"):
+        D.load_sft(str(path), tok, max_seq_len=512)
