@@ -269,7 +269,7 @@ _SUBS = [  # (pattern, replacement), applied in order
     (r"\\(?:left|right)\s*\.", ""),
     (r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![A-Za-z])", ""),
     (r"\\displaystyle|\\limits|\\nolimits", ""),
-    (r"(\d)\s*(?:\{,\}|\\[,!;: ]|~)\s*(?=\d{3}(?!\d))", r"\1"),          # 1\,000 and 1{,}000
+    (r"(\d)\s*(?:\{,\}|,\s*\\!|\\[,!;: ]|~)\s*(?=\d{3}(?!\d))", r"\1"),  # 1\,000 1{,}000 10,\!000
     (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", ""),
     (r"\\%|\\percent|\bpercent\b", "%"),
     (r"\\\$|\$|\\euro|€|£|¥|\bUSD\b", " "),
@@ -280,7 +280,10 @@ _SUBS = [  # (pattern, replacement), applied in order
     (r"\\(?:lvert|rvert|vert)(?![A-Za-z])", "|"),
 ]
 _SUBS = [(re.compile(p), r) for p, r in _SUBS]
-_UNIT_TAIL_RE = re.compile(r"(?<=[\d}).])(?:\s+(?!(?:pi|or|and|inf|infty)\b)[A-Za-z]{2,}\.?(?:\s*\^\{?\d\}?)?)+\s*$")
+_HEDGE_WORDS = ("pi|or|and|inf|infty|at|least|most|more|less|fewer|than|not|about|approximately|roughly|around|"
+                "nearly|almost|over|under|if|when|unless|otherwise")
+# trailing unit words after a number ("8 ways", "12 cm^2"), but never words that change the meaning ("or more")
+_UNIT_TAIL_RE = re.compile(rf"(?<=[\d}}).])(?:\s+(?!(?:{_HEDGE_WORDS})\b)[A-Za-z]{{2,}}\.?(?:\s*\^\{{?\d\}}?)?)+\s*$")
 
 
 def _unwrap_text(s: str) -> str:
@@ -317,10 +320,12 @@ def _normalize(s: str) -> str:
     for pat, rep in _SUBS:
         s = pat.sub(rep, s)
     s = re.sub(r"(\d{0,50})\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating, s)
-    s = re.sub(r"(?<![\d.])[1-9]\d{0,2}(?:,\d{3})+(?![\d.])", _thousands, s)
+    s = re.sub(r"(?<![\d.])[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?(?![\d.])", _thousands, s)
     s = re.sub(r"(?<![\d.])[1-9]\d{0,2}(?: \d{3})+(?![\d.])", _thousands, s)
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"^[A-Za-z]\s*\\in\s+", "", s)                # "x \in [1,2]"
+    s = re.sub(r"^[A-Za-z]\s*\(\s*[A-Za-z]\s*\)\s*=\s*", "", s)  # "f(x) = x^2"
+    s = re.sub(r"^all real numbers$", r"\\Reals", s, flags=re.I)
     s = re.sub(r"\s*\((?:since|because|as|for|when|where|assuming)\b[^()]*\)?\s*$", "", s, flags=re.I)
     s = re.sub(r"(?:\s|\\\\|[.,;:?])+$", "", s)             # trailing punctuation and \\ (not 5!)
     s = _UNIT_TAIL_RE.sub("", s)                             # "8 ways", "12 cm^2", "60 miles per hour"
@@ -667,7 +672,7 @@ class _Parser:
         kind, text = self.peek()
         if text == "{":
             return _expr(self.group())
-        if kind == "num" and len(text) > 1:              # split the first digit off
+        if kind == "num" and len(text) > 1 and text[0].isdigit():   # split the first digit off
             self.t[self.i:self.i + 1] = [("num", text[0]), ("num", text[1:])]
         return _expr(self.atom())
 
@@ -695,7 +700,10 @@ class _Parser:
         if kind == "num":
             if len(text) > 400:
                 raise ParseError("numeral too long")
-            f = Fraction(text)
+            try:
+                f = Fraction(text)
+            except ValueError:
+                raise ParseError(f"bad number {text!r}") from None
             return self.guard(sp.Rational(f.numerator, f.denominator))
         if kind == "word" and len(text) > 1:
             low = text.lower()
@@ -940,9 +948,9 @@ def _as_realset(v, var: sp.Symbol | None = None) -> sp.Set | None:
 
 
 def _classify_special(s: str) -> Choice | Text | None:
-    m = re.fullmatch(r"\(([A-J])\)(?:\s.*)?|([A-J])\)?", s)
-    if m:
-        return Choice(m.group(1) or m.group(2))
+    m = re.fullmatch(r"\(([A-J])\)(?:\s(.*))?|([A-J])\)?", s)
+    if m and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", m.group(2) or "")):
+        return Choice(m.group(1) or m.group(3))          # "(B)", "B", "(B) 12"; not "(B) or (C)"
     probe = re.sub(r"\\(?:begin|end)\{[A-Za-z*]+\}|\\[A-Za-z]+", " ", s)
     words = re.findall(r"[A-Za-z]{3,}", probe)
     if any(w.lower() not in _MATH_WORDS for w in words):
@@ -1081,6 +1089,8 @@ def _scalar_eq(ge: sp.Expr, gdec, pe: sp.Expr, pdec, cfg: VerifyConfig) -> bool:
 
 
 def _num_eq(g: Num, p: Num, cfg: VerifyConfig) -> bool:
+    if g.alt is not None and p.alt is not None:           # 50% vs 5000%: compare like with like
+        return _scalar_eq(g.expr, None, p.expr, None, cfg)
     gc = [(g.expr, g.dec)] + ([(g.alt, None)] if g.alt is not None else [])
     pc = [(p.expr, p.dec)] + ([(p.alt, None)] if p.alt is not None else [])
     return any(_scalar_eq(ge, gd, pe, pd, cfg) for ge, gd in gc for pe, pd in pc)
@@ -1224,7 +1234,7 @@ def _equal(g, p, cfg: VerifyConfig) -> bool:
 # --------------------------------------------------------------------------------------------------------
 # Public API
 
-_GOLD_CACHE: dict[str, object] = {}
+_GOLD_CACHE: dict[tuple[str, VerifyConfig], object] = {}
 _INT_RE = re.compile(r"-?\d{1,300}")
 
 
@@ -1245,7 +1255,7 @@ def grade(completion: str, gold: str, cfg: VerifyConfig = CFG) -> Verdict:
         if _INT_RE.fullmatch(g_norm) and _INT_RE.fullmatch(p_norm):   # the common case, no sympy
             return Verdict(int(g_norm) == int(p_norm), "correct" if int(g_norm) == int(p_norm) else "wrong",
                            answer)
-        g_val = _GOLD_CACHE.get(g_text)
+        g_val = _GOLD_CACHE.get((g_text, cfg))
         if g_val is None:
             try:
                 g_val = parse_value(g_text, cfg)
@@ -1253,7 +1263,7 @@ def grade(completion: str, gold: str, cfg: VerifyConfig = CFG) -> Verdict:
                 return Verdict(False, "bad_gold", answer)
             if len(_GOLD_CACHE) > 4096:
                 _GOLD_CACHE.clear()
-            _GOLD_CACHE[g_text] = g_val
+            _GOLD_CACHE[(g_text, cfg)] = g_val
         try:
             p_val = parse_value(answer, cfg)
         except ParseError:

@@ -192,6 +192,15 @@ BOXED = [
     ("norm", r"5 \text{ meters}", "5", 1), ("norm", "5.", "5", 1), ("norm", r"60^\circ", "60", 1),
     ("norm", r"50\%", "0.5", 1), ("norm", "x²", "x^2", 1), ("norm", "½", "0.5", 1), ("norm", "2½", "2.5", 1),
     ("norm", r"\displaystyle\frac{9}{7}", r"\dfrac{9}{7}", 1), ("norm", r"\left|-3\right|", "3", 1),
+    # -- found by red-teaming the verifier (each was wrong once)
+    ("pct", r"5000\%", r"50\%", 0), ("pct", r"\frac{100}{2}\%", r"50\%", 1), ("text", "(B) or (C)", "(B)", 0),
+    ("int", r"\$1,000.50", "1000.5", 1), ("int", r"10,\!000", "10000", 1), ("int", "10000", r"10,\!000", 1),
+    ("unit", r"10 \text{ or more}", "10", 0), ("unit", "10 at least", "10", 0),
+    ("unit", r"5 \text{ is the answer}", "5", 1),
+    ("unit", r"5 \text{ if } n>2", "5", 0), ("interval", r"\text{all real numbers}", r"(-\infty,\infty)", 1),
+    ("eq", "f(x) = x^2", "x^2", 1), ("tuple", "x=3, y=4", "(3,4)", 1), ("set", "3 or 5", "3, 5", 1),
+    ("set", "3, 4", "3", 0),
+    ("norm", r"\frac.5 2", "1", 0),
     ("norm", r"\cfrac{2}{3}", r"\frac23", 1), ("norm", "1,234", "1243", 0), ("norm", "−5", "5", 0),
 ]
 
@@ -338,6 +347,23 @@ def test_no_eval_path(monkeypatch, tmp_path):
     for _, completion, gold, _ in CORPUS:
         assert verify.grade(completion, gold).reason != "error", (completion, gold)
     assert not marker.exists()
+
+
+def test_fuzz_token_soup_never_crashes():
+    """Random LaTeX-ish token strings: no internal error, every call fast (a deterministic sample)."""
+    import random
+    toks = [r"\frac", r"\sqrt", "{", "}", "(", ")", "[", "]", "^", "_", "x", "2", "10", "0.5", ".99", "-", "+", "/",
+            "=", "<", r"\le", ",", r"\pi", "e", "i", "!", "|", r"\infty", r"\cup", r"\{", r"\}", r"\pm", "%",
+            r"\text{ cm}", r"\sin", r"\log", "99", r"\binom", r"\left(", r"\right)", " ", "or", "&", r"\\",
+            r"\begin{pmatrix}", r"\end{pmatrix}", r"\mid", r"\circ", r"\lfloor", r"\rfloor", r"\overline{3}", "\\"]
+    rng = random.Random(0)
+    for _ in range(300):
+        a = "".join(rng.choice(toks) for _ in range(rng.randint(1, 14)))
+        b = "".join(rng.choice(toks) for _ in range(rng.randint(1, 14))) if rng.random() < 0.5 else a
+        cpu = time.process_time()
+        v = verify.grade("\\boxed{" + a + "}", b)
+        assert v.reason != "error", (a, b)
+        assert time.process_time() - cpu < 1.0, (a, b)
 
 
 def test_budget_works_off_the_main_thread():
