@@ -620,6 +620,12 @@ class _Parser:
             return text[1:] in _ATOM_CMDS
         return text in ("(", "{") or (text == "|" and self.abs_depth == 0)
 
+    def _plain_factor(self) -> bool:
+        kind, text = self.peek()
+        if kind == "num":
+            return self.t[self.i - 1][0] != "num"
+        return (kind in ("word", "uni") and text not in ("or", "and")) or (kind == "cmd" and text[1:] in _GREEK)
+
     def factor(self):
         mixed = self._mixed_number()
         if mixed is not None:
@@ -768,8 +774,10 @@ class _Parser:
             arg = _expr(self.sum())
             self.expect(")")
             self.depth -= 1
-        else:
+        else:                                            # \sin 2x = sin(2x), but \sin x \cos x = sin(x) cos(x)
             arg = _expr(self.power())
+            while self._plain_factor():
+                arg = self.guard(arg * _expr(self.power()))
         if inv is not None:
             self.check_mag(arg, self.cfg.max_func_arg)
             out = inv(arg)
@@ -967,6 +975,9 @@ def parse_value(answer: str, cfg: VerifyConfig = CFG):
     s = _normalize(answer)
     if not s:
         raise ParseError("empty answer")
+    word = re.fullmatch(r"\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{\s*([A-Za-z][A-Za-z ]*[A-Za-z])\s*\}\W*", answer)
+    if (word and "\\" not in s) or s.lower() in ("no", "yes"):              # \text{no} is a word, not n*o
+        return Text(re.sub(r"\s+", " ", (word.group(1) if word else s).lower()).strip())
     special = _classify_special(s)
     if special is not None:
         return special

@@ -385,11 +385,11 @@ def test_score_batch_matches_score_and_survives_overtime():
     comps, golds = [c for _, c, _, _ in items], [g for _, _, g, _ in items]
     assert verify.score_batch(comps, golds, workers=0) == [float(w) for *_, w in items]
     assert verify.score_batch(comps, golds, workers=2) == [float(w) for *_, w in items]
-    # a slow item (two 60-element sets of polynomials, ~1 s in-process with a large cooperative budget) is
+    # a slow item (two 64-element sets of polynomials, ~1 s in-process with a large cooperative budget) is
     # killed at the hard limit and scores 0.0; the batch goes on and the pool recovers for the next call
-    slow_gold = r"\{" + ",".join(f"x^2+{k}x" for k in range(1, 61)) + r"\}"
-    slow = r"\boxed{\{" + ",".join(f"x^2+{k}x" for k in range(60, 0, -1)) + r"\}}"
-    cfg = verify.VerifyConfig(time_budget_s=60.0, batch_timeout_s=0.05)
+    slow_gold = r"\{" + ",".join(f"x^2+{k}x" for k in range(1, 65)) + r"\}"
+    slow = r"\boxed{\{" + ",".join(f"x^2+{k}x" for k in range(64, 0, -1)) + r"\}}"
+    cfg = verify.VerifyConfig(time_budget_s=60.0, batch_timeout_s=0.3)
     hard = verify.grade_batch([slow, slow, r"\boxed{5}"], [slow_gold, slow_gold, "5"], workers=2, cfg=cfg)
     assert [v.reason for v in hard] == ["worker_timeout", "worker_timeout", "correct"]
     assert verify.score_batch(comps[:4], golds[:4], workers=2) == [float(w) for *_, w in items[:4]]
