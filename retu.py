@@ -358,6 +358,7 @@ def _sft(cfg: SFTConfig, d: T.Dist) -> dict:
 
     if state["step"] == 0:
         validate()
+    peak = T.peak_flops(d)
     while state["step"] < total:
         step, t0 = state["step"], time.time()
         idx = sft_batch(step, len(train), cfg.sequences_per_step, cfg.seed)
@@ -387,12 +388,14 @@ def _sft(cfg: SFTConfig, d: T.Dist) -> dict:
             state["bad_in_a_row"] += 1
         optim.zero_grad(set_to_none=True)
         # compute was spent whether or not the update was applied: it counts
-        state["eflops"] += M.flops_for_lengths(config, lengths, training=True) / 1e18
+        step_flops = M.flops_for_lengths(config, lengths, training=True)
+        state["eflops"] += step_flops / 1e18
         state["tokens"] += sum(lengths)
         state["trained_tokens"] += int(n_trained)
         state["step"] = step + 1
         dt = time.time() - t0
-        log.write({"kind": "train", "step": state["step"], "loss": loss_val, "grad_norm": gnorm, "lr": lr,
+        mfu = {"mfu": step_flops / dt / (peak * d.world_size)} if peak else {}
+        log.write({"kind": "train", "step": state["step"], **mfu, "loss": loss_val, "grad_norm": gnorm, "lr": lr,
                    "skipped": int(not finite), "skipped_steps": state["skipped_steps"], "eflops": state["eflops"],
                    "tokens": sum(lengths), "trained_tokens": int(n_trained), "tokens_per_s": sum(lengths) / dt,
                    "step_time": dt})

@@ -302,6 +302,17 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics
 
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}   # dense bf16 FLOP/s per GPU
+
+
+def peak_flops(d: Dist) -> float | None:
+    """The card's dense bf16 peak (for MFU), or None on CPU / an unknown card."""
+    if d.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(d.device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
 
 class Metrics:
     """One JSON record per line in <run_dir>/metrics.jsonl (rank 0 only), TensorBoard when installed, and a

@@ -36,6 +36,7 @@ from fixtures import WORDS_FOR_BENCH, build_checkpoint, write_jsonl  # noqa: E40
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 import retu  # noqa: E402
+import train as T  # noqa: E402
 
 SHAPES = {  # Qwen2 geometry, random weights
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
@@ -43,12 +44,10 @@ SHAPES = {  # Qwen2 geometry, random weights
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                          num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}   # dense bf16 FLOP/s
-
 
 def peak_flops() -> float | None:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in T.PEAK_BF16.items() if k in name), None)
 
 
 def make_data(path: Path, n: int, lo: int, hi: int, seed: int = 0) -> Path:
