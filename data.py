@@ -120,7 +120,9 @@ def format_prompt(tokenizer, prompt: str, instruction: str = PAPER_INSTRUCTION) 
 
 
 def eos_id(tokenizer) -> int:
-    """The token appended to every trained response (the end of the assistant turn)."""
+    """The token appended to every trained response: the tokenizer's eos_token (tokenizer_config.json), as the
+    authors' SFT appends tokenizer.eos_token (for a Qwen2.5 base model <|endoftext|>, for instruct <|im_end|>).
+    Generation stops at any of tokenizer.eos_token_ids, which also include the chat format's end of turn."""
     return int(tokenizer.eos_token_ids[0])
 
 
