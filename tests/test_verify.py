@@ -200,7 +200,10 @@ BOXED = [
     ("unit", r"5 \text{ if } n>2", "5", 0), ("interval", r"\text{all real numbers}", r"(-\infty,\infty)", 1),
     ("eq", "f(x) = x^2", "x^2", 1), ("tuple", "x=3, y=4", "(3,4)", 1), ("set", "3 or 5", "3, 5", 1),
     ("set", "3, 4", "3", 0),
-    ("norm", r"\frac.5 2", "1", 0),
+    ("norm", r"\frac.5 2", "1", 0), ("text", r"\text{No}", "no", 1), ("text", r"\text{no}", r"\text{yes}", 0),
+    ("sym", r"\sin 2x", r"\sin(2x)", 1), ("sym", r"2\sin x\cos x", r"\sin 2x", 1),
+    ("sym", r"\sin x \cos x", r"\sin 2x", 0),
+    ("sym", r"\sin 2\theta", r"2\sin\theta\cos\theta", 1), ("sym", r"\frac{\pi}{3} + 10^{-95}", r"\frac{\pi}{3}", 0),
     ("norm", r"\cfrac{2}{3}", r"\frac23", 1), ("norm", "1,234", "1243", 0), ("norm", "−5", "5", 0),
 ]
 
