@@ -127,8 +127,10 @@ def expert_row(tok, p: D.RLPrompt, stop_ids: set[int], group: int) -> Row:
     return Row(group, p.prompt_ids, list(p.expert_ids), None, reward, expert=True)
 
 
-def collect_batch(model, tok, prompts, cfg, state: dict, d: T.Dist, stop_ids: set[int]) -> tuple[list[Row], dict]:
-    """Steps 1-2 of the module docstring: the rows to train on, with advantages, and the generation metrics."""
+def collect_batch(model, tok, prompts, cfg, state: dict, d: T.Dist, stop_ids: set[int],
+                  ) -> tuple[list[Row], dict, list[int]]:
+    """Steps 1-2 of the module docstring: the rows to train on (with advantages), the generation metrics, and the
+    length (prompt + response) of every generated sequence of every round (for the FLOPs)."""
     n, algo = cfg.samples_per_prompt, cfg.algo
     n_gen = n - 1 if algo in ("luffy", "srft") else n
     norm_std = cfg.norm_adv_by_std == "true"
@@ -195,8 +197,7 @@ def collect_batch(model, tok, prompts, cfg, state: dict, d: T.Dist, stop_ids: se
     }
     if sampler is not None:
         metrics.update({f"dapo_{k}": v for k, v in sampler.metrics().items()})
-    metrics["_gen_lengths"] = [r.length for r in gen_rows]
-    return rows, metrics
+    return rows, metrics, [r.length for r in gen_rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,8 +427,7 @@ def _rl(cfg, d: T.Dist) -> dict:
                "train_prompts": len(prompts), "train_overlong": report.overlong, "model_config": config.to_hf()})
     while state["step"] < cfg.steps:
         t0 = time.time()
-        rows, gm = collect_batch(model, tok, prompts, cfg, state, d, stop_ids)
-        gen_lengths = gm.pop("_gen_lengths")
+        rows, gm, gen_lengths = collect_batch(model, tok, prompts, cfg, state, d, stop_ids)
         t1 = time.time()
         if rows:
             tm = train_on_batch(model, ref_model, optim, rows, cfg, d)
