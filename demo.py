@@ -407,17 +407,23 @@ def make_base_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
 @dataclass
 class Stage:
     name: str                                      # unique; also the marker file's name
-    run: Callable[[], dict | None] | list[str]     # in-process (may return notes for the marker) or a command
+    # a command, or an in-process function returning None or a dict of notes for the marker; a "commands" entry
+    # (a list of commands) is run by the runner afterwards, which is how a stage decides its commands at run time
+    run: Callable[[], dict | None] | list[str]
     est_s: float = 1.0                             # expected seconds, for the ETA
 
 
 class StageRunner:
-    """Runs stages in order; a finished stage leaves `DIR/stages/<name>.done` (JSON: seconds taken, finish time)
-    and is skipped when the study is run again, so an interrupted demo resumes where it stopped."""
+    """Runs stages in order; a finished stage leaves `DIR/stages/<name>.done` (JSON: seconds taken, finish time,
+    its commands) and is skipped when the study is run again, so an interrupted demo resumes where it stopped.
+    `execute(cmd) -> exit code` runs one command; the default is a subprocess, and a caller that is itself the
+    driver can run `retu.py` commands in-process instead (saving the interpreter start-up per command)."""
 
-    def __init__(self, out_dir: str | os.PathLike, log: Callable[[str], None] = print):
+    def __init__(self, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
+                 execute: Callable[[list[str]], int] | None = None):
         self.marker_dir = Path(out_dir) / "stages"
         self.log = log
+        self.execute = execute or (lambda cmd: subprocess.run(cmd).returncode)
 
     def marker(self, stage: Stage) -> Path:
         return self.marker_dir / f"{stage.name}.done"
@@ -445,21 +451,19 @@ class StageRunner:
             self.log(f"[demo] stage {skipped + k + 1}/{len(stages)} {stage.name} | elapsed {fmt_s(elapsed)} "
                      f"| ETA {fmt_s(eta)}")
             t0 = time.time()
-            info = stage.run() if callable(stage.run) else run_subprocess(stage.run, stage.name)
-            record = {"stage": stage.name, "seconds": round(time.time() - t0, 3), "finished": time.time(),
-                      **(info or {})}
+            info = dict((stage.run() or {}) if callable(stage.run) else {"commands": [stage.run]})
+            for cmd in info.get("commands", []):
+                cmd = [str(c) for c in cmd]
+                code = self.execute(cmd)
+                if code != 0:
+                    raise RuntimeError(f"stage {stage.name} failed (exit {code}): {' '.join(cmd)}")
+            info["commands"] = [" ".join(map(str, c)) for c in info.get("commands", [])]
+            record = {"stage": stage.name, "seconds": round(time.time() - t0, 3), "finished": time.time(), **info}
             tmp = self.marker(stage).with_suffix(".tmp")
             tmp.write_text(json.dumps(record) + "\n")
             os.replace(tmp, self.marker(stage))      # the marker appears only once the stage has finished
             est_done += stage.est_s
         self.log(f"[demo] all {len(stages)} stages done in {fmt_s(time.time() - t_start)}")
-
-
-def run_subprocess(cmd: list[str], stage_name: str) -> None:
-    """Run one command with the demo's stdout/stderr (so the driver's own progress lines show); raise if it fails."""
-    proc = subprocess.run([str(c) for c in cmd])
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage_name} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}")
 
 
 def fmt_s(seconds: float) -> str:
@@ -625,15 +629,13 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
                 chosen = json.loads((sft_dir / "branches.json").read_text())["branches"]
                 if phase not in chosen:            # e.g. a pool that never overfits has no "severe" checkpoint
                     return {"skipped": f"no {phase} checkpoint in {sft_dir.name}"}
-                run_subprocess(rl_cmd(out, cfg, "dapo_dc", checkpoint_hf(sft_dir, chosen[phase]), name), name)
-                run_subprocess(eval_cmd(out, cfg, name), name)
-                return {"from_step": chosen[phase]}
+                return {"from_step": chosen[phase], "commands": [
+                    rl_cmd(out, cfg, "dapo_dc", checkpoint_hf(sft_dir, chosen[phase]), name), eval_cmd(out, cfg, name)]}
             stages.append(Stage(name, branch, est_s=cfg.rl_steps * 2 + 30))
 
         def fit_pool(sft_dir=sft_dir, pool=pool):   # Plasticity-Ceiling fit of the pool's SFT run + its branches
             ran = [runs / f"dapo_{pool}_{ph}" for ph in cfg.branch_phases if (runs / f"dapo_{pool}_{ph}").is_dir()]
-            run_subprocess(fit_cmd(sft_dir, ran), f"fit_{pool}")
-            return {"rl_runs": [r.name for r in ran]}
+            return {"rl_runs": [r.name for r in ran], "commands": [fit_cmd(sft_dir, ran)]}
         stages.append(Stage(f"fit_{pool}", fit_pool, est_s=5))
     for algo in cfg.baseline_algos:                # pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model
         stages.append(Stage(f"{algo}_base", rl_cmd(out, cfg, algo, out / "base", f"{algo}_base"),

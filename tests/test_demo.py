@@ -312,6 +312,7 @@ def test_stage_runner_resumes_and_fails_loudly(tmp_path):
     failing = [demo.Stage("f", [sys.executable, "-c", "raise SystemExit(3)"])]
     with pytest.raises(RuntimeError, match=r"stage f failed \(exit 3\)"):
         runner.run(failing)
+    assert not (tmp_path / "stages" / "f.done").exists()
     with pytest.raises(ValueError, match="unique"):
         runner.run([demo.Stage("x", calls.clear), demo.Stage("x", calls.clear)])
 
@@ -364,9 +365,18 @@ def test_branch_stage_without_its_phase_is_recorded_as_skipped(tmp_path):
     sft_dir = tmp_path / "runs" / "sft_small"
     sft_dir.mkdir(parents=True)
     (sft_dir / "branches.json").write_text(json.dumps({"labels": {}, "branches": {"stable": 40}}))
-    demo.StageRunner(tmp_path, log=lambda s: None).run([stages["dapo_small_severe"]])
+    ran = []
+    runner = demo.StageRunner(tmp_path, log=lambda s: None, execute=lambda cmd: ran.append(cmd) or 0)
+    runner.run([stages["dapo_small_severe"], stages["dapo_small_stable"]])
     marker = json.loads((tmp_path / "stages" / "dapo_small_severe.done").read_text())
-    assert marker["skipped"] == "no severe checkpoint in sft_small"
+    assert marker["skipped"] == "no severe checkpoint in sft_small" and marker["commands"] == []
+    # the stable branch: DAPO_dc from the chosen checkpoint, then the evaluation of the branch
+    assert [c[2] for c in ran] == ["rl", "eval"]
+    _, rl_cfg = retu.parse_args(ran[0][2:])
+    assert rl_cfg.model == str(sft_dir / "checkpoints" / "step_00000040" / "hf") and rl_cfg.eps_high == 0.28
+    assert rl_cfg.run_dir == str(tmp_path / "runs" / "dapo_small_stable")
+    marker = json.loads((tmp_path / "stages" / "dapo_small_stable.done").read_text())
+    assert marker["from_step"] == 40 and marker["commands"] == [" ".join(c) for c in ran]
     with pytest.raises(ValueError, match="branch_pools: 'hard' has no SFT run"):
         demo.study_stages(tmp_path, demo.StudyConfig(sft_pools=("small",), branch_pools=("hard",)))
 
