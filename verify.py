@@ -538,14 +538,22 @@ class _Parser:
         return FSet([_finish(v) for v in items], "list")
 
     def item(self):
+        """A \\cup / \\cap chain of sets (\\cap binds tighter); one sympy Union at the end, as it is slow."""
         v = self.rel()
-        while self.peek()[1] in ("\\cup", "\\cap"):
-            op = self.take()[1]
-            a, b = _as_realset(v), _as_realset(self.rel())
-            if a is None or b is None:
-                raise ParseError("union of non-sets")
-            v = RealSet(sp.Union(a, b) if op == "\\cup" else sp.Intersection(a, b))
-        return v
+        if self.peek()[1] not in ("\\cup", "\\cap"):
+            return v
+        union = [_as_realset(v)]
+        while (op := self.accept("\\cup", "\\cap")) is not None:
+            s = _as_realset(self.rel())
+            if s is None or union[-1] is None or len(union) >= 16:
+                raise ParseError("bad or too long union")
+            if op == "\\cup":
+                union.append(s)
+            else:
+                union[-1] = sp.Intersection(union[-1], s)
+        if union[0] is None:
+            raise ParseError("union of non-sets")
+        return RealSet(sp.Union(*union))
 
     def rel(self):
         if self.peek()[1] in _RELOPS:                    # a bare bound such as ">= 10"
@@ -798,6 +806,8 @@ class _Parser:
             x = self.arg()
         if not (n.is_Integer and 2 <= n <= 1000):
             raise ParseError("bad root index")
+        if n % 2 == 1 and x.is_number and x.is_negative:    # the real root: \sqrt[3]{-8} = -2
+            return -self.pow(-x, 1 / n)
         return self.pow(x, 1 / n)
 
     def command(self, name: str):

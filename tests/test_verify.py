@@ -60,6 +60,7 @@ BOXED = [
     ("rad", r"\sqrt2-1", r"1-\sqrt2", 0),
     ("rad", r"\sqrt{2}", "2", 0), ("rad", "2^{1/2}", r"\sqrt2", 1), ("rad", r"\sqrt{3}/3", r"\frac{\sqrt3}{3}", 1),
     ("rad", r"\frac{1}{\sqrt{3}}", r"\frac{\sqrt{3}}{3}", 1), ("rad", r"\sqrt{3}", r"\sqrt{2}", 0),
+    ("rad", r"\sqrt[3]{-8}", "-2", 1), ("rad", r"\sqrt[3]{-8}", "2", 0),
     ("rad", r"2\sqrt{2}", r"\sqrt{2}", 0), ("rad", r"\sqrt{50}", r"5\sqrt2", 1), ("rad", "sqrt(2)", r"\sqrt2", 1),
     # -- pi, functions, tiny and huge values (rule 5 tolerances)
     ("sym", r"2\pi", r"2\pi", 1), ("sym", r"\pi/2", r"\frac{\pi}{2}", 1), ("sym", r"\frac{\pi}{2}", "90", 0),
@@ -318,6 +319,7 @@ ADVERSARIAL = [
     ("sqrt-big", r"\boxed{\sqrt{" + "7" * 380 + "}}", "3", 0), ("root-index", r"\boxed{\sqrt[10^{9}]{2}}", "1", 0),
     ("deep-frac", "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}", "1", 0),
     ("pm-bomb", r"\boxed{" + r"\pm 1" * 20 + "}", "1", 0),
+    ("long-union", r"\boxed{" + r"\cup".join(f"({2 * k},{2 * k + 1})" for k in range(150)) + "}", "(0,1)", 0),
 ]
 
 
