@@ -1335,6 +1335,7 @@ class _Worker:
 class _Pool:
     def __init__(self, workers: int):
         self.ctx = mp.get_context("spawn")               # fork is unsafe once torch threads exist
+        self.failed_starts = 0
         self.workers = [self._spawn() for _ in range(workers)]
 
     def _spawn(self) -> _Worker:
@@ -1372,6 +1373,10 @@ class _Pool:
                 except (EOFError, OSError):
                     if w.item is not None:
                         out[w.item] = Verdict(False, "worker_crash", None)
+                    elif not w.ready:                    # died while starting: do not respawn forever
+                        self.failed_starts += 1
+                        if self.failed_starts > 3 * len(self.workers):
+                            raise RuntimeError("verify: workers die on start (can they import verify?)") from None
                     self._replace(k)
                     continue
                 if msg == "ready":
@@ -1399,6 +1404,7 @@ class _Pool:
 
 
 _POOL: _Pool | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _close_pool() -> None:
@@ -1420,10 +1426,11 @@ def grade_batch(completions: list[str], golds: list[str], workers: int = 2,
     if workers <= 0:
         return [grade(c, g, cfg) for c, g in zip(completions, golds)]
     global _POOL
-    if _POOL is None or len(_POOL.workers) != workers:
-        _close_pool()
-        _POOL = _Pool(workers)
-    return _POOL.run(list(zip(map(str, completions), map(str, golds))), cfg)
+    with _POOL_LOCK:                                     # one batch at a time uses the shared workers
+        if _POOL is None or len(_POOL.workers) != workers:
+            _close_pool()
+            _POOL = _Pool(workers)
+        return _POOL.run(list(zip(map(str, completions), map(str, golds))), cfg)
 
 
 def score_batch(completions: list[str], golds: list[str], workers: int = 2) -> list[float]:

@@ -402,6 +402,27 @@ def test_score_batch_matches_score_and_survives_overtime():
         verify.score_batch(["a", "b"], ["a"])
 
 
+def test_score_batch_survives_a_crashed_worker():
+    slow_gold = r"\{" + ",".join(f"x^2+{k}x" for k in range(1, 65)) + r"\}"
+    slow = r"\boxed{\{" + ",".join(f"x^2+{k}x" for k in range(64, 0, -1)) + r"\}}"
+    cfg = verify.VerifyConfig(time_budget_s=60.0, batch_timeout_s=20.0)
+    verify.score_batch(["1"], ["1"], workers=2)                     # pool up
+    out = {}
+    th = threading.Thread(target=lambda: out.update(v=verify.grade_batch(
+        [slow, r"\boxed{5}", r"\boxed{6}"], [slow_gold, "5", "5"], workers=2, cfg=cfg)))
+    th.start()
+    deadline = time.perf_counter() + 20
+    while time.perf_counter() < deadline:                           # find the worker grading item 0 ...
+        busy = [w for w in verify._POOL.workers if w.item == 0]
+        if busy:
+            busy[0].proc.kill()                                     # ... and crash it (our own child process)
+            break
+        time.sleep(0.005)
+    th.join(60)
+    assert [v.reason for v in out["v"]] == ["worker_crash", "correct", "wrong"]
+    assert verify.score_batch([r"\boxed{5}"], ["5"], workers=2) == [1.0]
+
+
 def test_cli_grades_jsonl(tmp_path, capsys):
     path = tmp_path / "g.jsonl"
     rows = [{"completion": r"\boxed{5}", "gold": "5"}, {"completion": r"\boxed{4}", "gold": "5"},
