@@ -2,9 +2,9 @@
 Qwen2 base model, and a resumable stage runner for `retu.py demo`.
 
 The paper post-trains Qwen2.5-7B on R1-style math trajectories. On a 2-core CPU the same study runs on a
-~0.6 M-parameter Qwen2-shaped model and a synthetic task that such a model learns partly in minutes
-(`../shared/reference/demo-notes.md`): multi-digit multiplication written as partial products and their running
-sum, the answer in `\\boxed{}`:
+~0.6 M-parameter Qwen2-shaped model and a synthetic task on which `../shared/reference/demo-notes.md` measured
+such a model neither at 0% nor at 100% after minutes of SFT: multi-digit multiplication written as partial
+products and their running sum, the answer in `\\boxed{}`:
 
     prompt:   What is $964 \\times 59$?
     response: 964*9=8676
@@ -37,9 +37,11 @@ Qwen's chat models do.
 Sizes (default seed, this tokenizer): response tokens per level 21.7 / 49.4 / 79.9 (max 22 / 53 / 89); the
 problem text 10.5-12.6 tokens, plus 16 for the driver's default instruction and 8 for the ChatML frame.
 
-The study itself is a list of `Stage`s: each is one `retu.py` subcommand run as a subprocess (the real driver,
-not a parallel toy implementation), or an in-process step such as writing the data. `StageRunner` skips a
-stage whose marker file exists, so re-running the demo resumes after the last finished stage. The runs:
+The study itself is a list of `Stage`s, each one or more `retu.py` subcommands (the real driver, not a parallel
+toy implementation) or an in-process step such as writing the data. `StageRunner` runs the commands through
+`execute` (a subprocess by default; `retu.py demo` can run them in-process: the quick study took 37 s that way
+against 146 s as subprocesses, on this 2-core machine under load) and skips a stage whose marker file exists, so
+re-running the demo resumes after the last finished stage. The runs:
   * `sft_{pool}` (+ `eval_sft_{pool}`): pure SFT on each pool, validation loss and a checkpoint every N steps;
   * `branches_{pool}`: fit.sft_subphases labels the checkpoints from the validation loss; one checkpoint per
     sub-phase (adaptive / stable / mild / severe, where present) is chosen and written to branches.json;
