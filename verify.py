@@ -1,33 +1,40 @@
 """verify.py: the math answer verifier (RL reward and evaluation metric).
 
-    score("... so the answer is \\boxed{\\frac12}.", "0.5")  -> 1.0
-    python verify.py graded.jsonl --workers 4      # {completion, gold} per line -> accuracy
+    score("... so the answer is $\\boxed{\\frac12}$.", "0.5")  -> 1.0
+    grade(completion, gold)                  -> Verdict(correct, reason, answer); reasons separate parse failures
+    score_batch(completions, golds, workers=4) -> [1.0, 0.0, ...]   # worker processes, hard per-item limit
+    python verify.py graded.jsonl --workers 4 --show 20           # {completion, gold} lines -> accuracy
 
-The grading policy is ../shared/reference/verifier.md; in short:
-  1. The answer is the last balanced \\boxed{} (boxes side by side in the final statement form one multi-part
-     answer; "or" or "if" between them makes it a hedge), else an explicit marker ("final answer is", "the answer
-     is", "Answer:", "####", <answer>..</answer>). An unterminated \\boxed{ gives no answer. A completion with
-     neither is graded only when the whole completion is a bare formula (e.g. "72", "$\\frac12$"); a completion
-     that ends in prose without a marker gives no answer (our choice: we never guess the "final statement", so a
-     cut-off text cannot be rewarded for the last number it happened to mention).
-  2. The answer is normalised (unicode, \\dfrac, \\left, spacing, thousands separators, currency, units, degree
-     signs, \\text) and parsed by our own recursive-descent parser into a typed value: Num, Rel (equation or
-     inequality), Tup, RealSet (interval / union / inequality / set-builder), FSet (set, list, hedge), Mat,
-     Text, Choice. Values compare only with compatible types.
-  3. Numbers compare exactly (integers and fractions as rationals, 10^100 vs 10^100+1 is false). Exact
-     irrational values compare numerically at 30 and then 100 significant digits with a *relative* tolerance
-     (1/2004! vs 1/2006! is false). A decimal prediction against an exact non-terminating gold passes with
-     >= 6 significant digits within one unit of its last digit (4-5 digits fail: our choice, since a reward
-     must not teach rounding); a decimal gold compares exactly against a decimal prediction (2.65 == 2.650)
-     and, when it has >= 3 significant digits, by rounding against an exact irrational prediction.
-     Expressions with symbols compare at random probe points (mixed signs, 30 digits). `50\\%` reads as 50 or
-     0.5; a bare number is never rescaled.
+The grading policy is ../shared/reference/verifier.md. How we implement it, and the choices it leaves open:
+  1. Which answer: the last balanced \\boxed{} / \\fbox{}; boxes side by side in the final statement form one
+     multi-part answer, and "or" / "if" between them makes it a hedge. Without a box: the last explicit marker
+     ("final answer is", "the answer is", "Answer:", "####", <answer>..</answer>). An unterminated last box gives
+     no answer. Choice: a completion with neither is graded only when the whole of it is a bare formula ("72",
+     "$\\frac12$"); we never guess a "final statement", so a cut-off text earns nothing for the last number in it.
+  2. Normalise (unicode, full-width digits, \\dfrac, \\left, spacing, thousands separators incl. 10,\\!000,
+     currency, trailing unit words, degree signs, \\text, trailing punctuation) and parse with our own
+     recursive-descent parser into a typed value: Num, Rel (equation / inequality), Tup, RealSet (interval, union,
+     one-variable linear inequality, set-builder), FSet (set / list / hedge), Mat, Text, Choice. Only compatible
+     types compare. Conventions: e is Euler's number, i the imaginary unit, \\log the natural log, \\sin 2x is
+     sin(2x), \\sqrt[3]{-8} = -2, 2\\frac12 = 5/2, \\pm expands to a set.
+  3. Numbers: rationals compare exactly (10^100 vs 10^100+1 is false); an exact rational difference decides;
+     other exact values compare at 30 then 100 significant digits with a *relative* tolerance (1/2004! vs 1/2006!
+     is false). Decimal prediction vs exact non-terminating gold: passes with >= 6 significant digits within one
+     unit of its last digit (choice: 4-5 digits fail; a reward must not teach rounding). Decimal gold vs decimal
+     prediction: exact value (2.65 == 2.650, not 2.654); vs an exact irrational prediction: rounding, if the gold
+     has >= 3 significant digits. Symbols: random probe points (mixed signs, fixed seed, 30 digits); equations
+     match up to a nonzero factor, inequalities up to a positive one. "50%" reads as 50 or 0.5 (two percents
+     compare like with like); a bare number is never rescaled.
+Known limits (each fails closed, i.e. to 0.0): non-linear inequalities are compared as relations, not solution
+sets; ratios "3:4" do not parse; two distinct exact values closer than 1e-92 relative (without an exact rational
+difference) compare equal; sets of dozens of symbolic elements may run out of budget.
 
-Security: the completion is untrusted. Nothing here calls eval, sympify or parse_expr: sympy objects are
+Security: the completion is untrusted. Nothing here calls eval, exec, sympify or parse_expr: sympy objects are
 built by the parser from tokens. Every expensive step is bounded (answer length, nesting depth, integer bits,
-exponent and factorial sizes, function argument magnitudes) and a cooperative deadline (thread-local, so it
-works in any thread; no signal.alarm) turns an overrun into 0.0. `score_batch` adds a hard wall-clock limit:
-each item runs in a worker process that is killed when it overruns or crashes, and that item scores 0.0.
+exponent and factorial sizes, function argument magnitudes, union pieces) and a cooperative deadline
+(thread-local, so it works in any thread; no signal.alarm) turns an overrun into 0.0. `score_batch` adds a hard
+wall-clock limit: each item runs in a worker process that is killed when it overruns or crashes (that item
+scores 0.0 and the batch goes on).
 
 Deviation from the paper and the authors' code: the paper rewards with Math-Verify; the authors wrap it in a
 cascade ending in a Levenshtein ratio > 0.6 fallback (algorithms.md section 10). We implement verifier.md
