@@ -141,7 +141,8 @@ def shard_model(model: torch.nn.Module, d: Dist, *, activation_checkpointing: bo
           if precision == "bf16" else MixedPrecisionPolicy())
     for i, block in enumerate(model.layers):
         # the last block's parameters are needed again right at the start of backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+        block.retu_reshard_after_forward = i < len(model.layers) - 1   # Unsharded restores it
+        fully_shard(block, mp_policy=mp, reshard_after_forward=block.retu_reshard_after_forward)
     fully_shard(model, mp_policy=mp)
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)   # sum over ranks: the losses are globally normalised already
@@ -171,7 +172,7 @@ class Unsharded:
     def __exit__(self, *exc):
         for m in self.mods:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            m.set_reshard_after_forward(getattr(m, "retu_reshard_after_forward", True))
         return False
 
 
