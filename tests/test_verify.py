@@ -267,6 +267,30 @@ def test_corpus(cat, completion, gold, want):
     assert verify.score(completion, gold) == want
 
 
+def test_sympy_latex_forms_of_random_expressions():
+    """sympy.latex as an independent LaTeX writer: expanded / factored forms of random expressions are equal,
+    and adding 1/7 is caught even next to a huge value (e^{e^{y+5}} + 1/7)."""
+    import random
+
+    import sympy as sp
+    rng, (x, y) = random.Random(0), sp.symbols("x y")
+
+    def rand_expr(d=0):
+        if d > 2 or rng.random() < 0.3:
+            return rng.choice([x, y, sp.Integer(rng.randint(1, 9)), sp.Rational(rng.randint(1, 9), rng.randint(2, 9)),
+                               sp.sqrt(rng.randint(2, 7)), sp.pi])
+        a, b = rand_expr(d + 1), rand_expr(d + 1)
+        return rng.choice([a + b, a - b, a * b, a / (b + 3), a ** rng.randint(2, 3), sp.sin(a), sp.exp(a),
+                           sp.sqrt(a ** 2 + 1)])
+    for _ in range(150):
+        e = rand_expr()
+        gold = sp.latex(e)
+        forms = [sp.latex(sp.expand(e))] + ([] if e.has(sp.sin, sp.exp) else [sp.latex(sp.factor(e))])
+        for form in forms:
+            assert verify.grade(f"\\boxed{{{form}}}", gold).correct, (gold, form)
+        assert not verify.grade(f"\\boxed{{{sp.latex(e + sp.Rational(1, 7))}}}", gold).correct, gold
+
+
 def test_aime_integer_gold_and_non_string_inputs():
     assert verify.score(r"\boxed{33}", 33) == 1.0
     assert verify.score(r"\boxed{34}", 33) == 0.0
