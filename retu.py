@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"sft": run_sft, "rl": rl.run_rl, "eval": run_eval, "fit": run_fit}
     try:
         runners[cmd](cfg)
-    except (D.DataError, T.TrainingStopped) as e:
+    except (D.DataError, T.TrainingStopped, FileNotFoundError) as e:   # the user's input, said plainly
         print(f"retu {cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -214,3 +214,16 @@ def test_parquet_reads_like_jsonl_or_says_what_is_missing(tmp_path, tok):
     pq.write_table(pa.table({"prompt": ["apple", "q"], "response": ["banana", ""]}), path)
     with pytest.raises(D.DataError, match=r"s.parquet:row 2: field 'response' is empty"):
         D.load_sft(str(path), tok, max_seq_len=512)
+
+
+def test_missing_inputs_are_named(tmp_path, capsys):
+    rc = retu.main(["eval", "--checkpoints", str(tmp_path / "nope"), "--benchmarks", "b.jsonl", "--run-dir",
+                    str(tmp_path / "r"), "--device", "cpu"])
+    assert rc == 2 and f"{tmp_path / 'nope'}: not a checkpoint, an HF model directory, or a run directory" in \
+        capsys.readouterr().err
+    ck = build_checkpoint(tmp_path / "base")
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "response": "b"}] * 4)
+    rc = retu.main(["sft", "--model", str(ck), "--train", str(train), "--run-dir", str(tmp_path / "r"), "--device",
+                    "cpu", "--resume", str(tmp_path / "nockpt"), "--max-seq-len", "128",
+                    "--tokens-per-microbatch", "256", "--sequences-per-step", "2"])
+    assert rc == 2 and "not a complete retu checkpoint (no trainer.json)" in capsys.readouterr().err
