@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import fit
 import losses
 import model as M
 import rl
@@ -200,6 +201,7 @@ class EvalConfig(CommonConfig):
     max_new_tokens: int = opt(8192, "generation budget per sample (paper: 8192)")
     max_prompt_len: int = opt(4096, "prompts longer than this are reported and skipped")
     dtype: str = opt("auto", "weights for generation: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    redo: bool = opt(False, "re-evaluate checkpoints that run_dir/eval.jsonl already has for these benchmarks")
 
 
 @dataclass(kw_only=True)
@@ -482,8 +484,12 @@ def _eval(cfg: EvalConfig, d: T.Dist) -> list[dict]:
         benches[name] = probs
     dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.dtype]
+    done = {(r["checkpoint"], tuple(sorted(r["scores"]))) for r in _read_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"))}
     records = []
     for hf_dir, step, eflops in ckpts:
+        if not cfg.redo and (hf_dir, tuple(sorted(benches))) in done:
+            T.print0(d, f"{hf_dir}: already evaluated on these benchmarks (--redo to repeat)")
+            continue
         model = M.from_pretrained(hf_dir, dtype=dtype, device=d.device).eval()
         stop = sorted(stop_ids | set(model.config.eos_token_ids))
         rec = {"kind": "eval", "step": step, "eflops": eflops, "checkpoint": hf_dir, "scores": {},
@@ -545,16 +551,29 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def eval_points(run_dir: str) -> dict[int, dict]:
+    """step -> {"eflops", "scores", "n_problems"} from run_dir/eval.jsonl; records of the same step (e.g. separate
+    benchmark files evaluated at different times) are merged, a later score of a benchmark replacing an earlier."""
+    out: dict[int, dict] = {}
+    for r in _read_jsonl(os.path.join(run_dir, "eval.jsonl")):
+        p = out.setdefault(r["step"], {"eflops": r["eflops"], "scores": {}, "n_problems": {}})
+        p["scores"].update(r["scores"])
+        p["n_problems"].update(r["n_problems"])
+    return out
+
+
 def fit_inputs(cfg: FitConfig) -> dict:
     """The input of fit.analyze from run directories: the SFT run's evaluated checkpoints (with the validation loss
     of the same step from metrics.jsonl) and, per RL run, its evaluated checkpoints keyed by the SFT step it started
     from (read from the RL run's config record: the model it was started from is an SFT checkpoint's hf/)."""
-    evals = {r["step"]: r for r in _read_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"))}   # last record wins
+    evals = eval_points(cfg.run_dir)
     if not evals:
         raise D.DataError(f"{cfg.run_dir}/eval.jsonl: no evaluation results; run `retu.py eval` first")
     val = {r["step"]: r["val_loss"] for r in _read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
            if r.get("kind") == "val"}
-    sizes = next(iter(evals.values()))["n_problems"]
+    sizes = {}
+    for p in evals.values():
+        sizes.update(p["n_problems"])
     sft_points = [{"step": s, "eflops": r["eflops"], "scores": r["scores"],
                    **({"val_loss": val[s]} if s in val else {})} for s, r in sorted(evals.items())]
     branches: dict[int, list[dict]] = {}
@@ -563,16 +582,13 @@ def fit_inputs(cfg: FitConfig) -> dict:
         if conf is None:
             raise D.DataError(f"{run}/metrics.jsonl: no config record; is this an RL run directory?")
         start = expand_checkpoints([conf["config"]["model"]])[0][1]
-        pts = [{"eflops": r["eflops"], "scores": r["scores"]}
-               for s, r in sorted({r["step"]: r for r in _read_jsonl(os.path.join(run, "eval.jsonl"))}.items())
-               if s > 0]
+        pts = [{"eflops": p["eflops"], "scores": p["scores"]} for s, p in sorted(eval_points(run).items()) if s > 0]
         branches.setdefault(start, []).extend(pts)
     return {"name": os.path.basename(os.path.normpath(cfg.run_dir)), "sft_points": sft_points,
             "rl_branches": branches, "bench_sizes": sizes}
 
 
 def run_fit(cfg: FitConfig) -> dict:
-    import fit
     spec = fit_inputs(cfg)
     report = fit.analyze(spec["sft_points"], spec["rl_branches"], metric=cfg.metric, bench_sizes=spec["bench_sizes"],
                          n_boot=cfg.boot, name=spec["name"])

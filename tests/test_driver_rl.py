@@ -168,6 +168,13 @@ def test_eval_pass_at_1_and_pass_at_k_keyed_by_step_and_eflops(toy):
             assert r["pass_at_k"][bench]["4"] == pytest.approx(100 * np.mean(c > 0))
         assert r["overall"] == pytest.approx((6 * r["scores"]["seven"] + 3 * r["scores"]["three"]) / 9)
     assert recs[2]["scores"]["seven"] > recs[0]["scores"]["seven"] + 30     # RL learned to answer 7
+    # evaluating again skips what eval.jsonl already holds, unless --redo
+    assert retu.main(cli("eval", checkpoints=[out], benchmarks=[b7, b3], run_dir=out, device="cpu",
+                         samples_per_prompt=4, max_new_tokens=8, instruction="")) == 0
+    assert len(records(out, "eval", "eval.jsonl")) == 3
+    assert retu.main(cli("eval", checkpoints=[out], benchmarks=[b7], run_dir=out, device="cpu",
+                         samples_per_prompt=4, max_new_tokens=8, instruction="")) == 0
+    assert len(records(out, "eval", "eval.jsonl")) == 5                    # another benchmark set: evaluated
 
 
 def test_samples_per_prompt_default_is_16_for_small_sets(toy):
@@ -190,8 +197,11 @@ def test_fit_reads_run_directories(tmp_path):
         (ck[s] / "trainer.json").write_text(json.dumps({"step": s, "eflops": s / 100}))
     sizes = {"a": 30, "b": 10}
     sft_scores = {0: 10.0, 100: 30.0, 200: 40.0}
+    # step 100 was evaluated in two sittings, one benchmark each: the records are merged
     write_jsonl(sft / "eval.jsonl", [{"kind": "eval", "step": s, "eflops": s / 100, "scores": {"a": v, "b": v},
-                                      "n_problems": sizes} for s, v in sft_scores.items()])
+                                      "n_problems": sizes} for s, v in sft_scores.items() if s != 100] +
+                [{"kind": "eval", "step": 100, "eflops": 1.0, "scores": {b: 30.0}, "n_problems": {b: sizes[b]}}
+                 for b in ("a", "b")])
     write_jsonl(sft / "metrics.jsonl", [{"kind": "val", "step": s, "eflops": s / 100, "val_loss": v}
                                         for s, v in ((0, 2.0), (100, 1.0), (200, 0.9))])
     ceilings = {100: 60.0, 200: 70.0}
