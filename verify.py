@@ -115,7 +115,6 @@ def _tick() -> None:
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MARKER_RE = re.compile(r"final\s+answer\s*(?:is|:|=)|the\s+answer\s+is|answer\s*:|####", re.I)
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 _SPECIAL_TOKENS_RE = re.compile(r"(?:<\|im_end\|>|<\|endoftext\|>|</s>|<\|eot_id\|>)\s*$")
 _SURROGATES_RE = re.compile("[\ud800-\udfff]")
 
@@ -197,9 +196,10 @@ def _boxed_answer(text: str, cfg: VerifyConfig) -> tuple[bool, str | None]:
 
 
 def _marker_answer(text: str) -> str | None:
-    tags = _ANSWER_TAG_RE.findall(text[-20000:])
-    if tags:
-        return tags[-1].strip() or None
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    if end >= 0 and start >= 0:
+        return text[start + len("<answer>"):end].strip() or None
     last = None
     for m in _MARKER_RE.finditer(text, max(0, len(text) - 20000)):
         last = m
@@ -290,7 +290,26 @@ _SUBS = [(re.compile(p), r) for p, r in _SUBS]
 _HEDGE_WORDS = ("pi|or|and|inf|infty|at|least|most|more|less|fewer|than|not|about|approximately|roughly|around|"
                 "nearly|almost|over|under|if|when|unless|otherwise")
 # trailing unit words after a number ("8 ways", "12 cm^2"), but never words that change the meaning ("or more")
-_UNIT_TAIL_RE = re.compile(rf"(?<=[\d}}).])(?:\s+(?!(?:{_HEDGE_WORDS})\b)[A-Za-z]{{2,}}\.?(?:\s*\^\{{?\d\}}?)?)+\s*$")
+_UNIT_WORD_RE = re.compile(rf"(?!(?:{_HEDGE_WORDS})\b)[A-Za-z]{{2,}}\.?(?:\^\{{?\d\}}?)?|\^\{{?\d\}}?")
+
+
+def _strip_units(s: str) -> str:
+    """Drop trailing unit words after a number ("8 ways", "12 cm ^2"); linear time, unlike a regex."""
+    words = s.split(" ")
+    k = len(words)
+    while k > 1 and _UNIT_WORD_RE.fullmatch(words[k - 1]):
+        k -= 1
+    head = " ".join(words[:k])
+    return head if k < len(words) and head[-1:] in set("0123456789}).") else s
+
+
+def _rstrip_punct(s: str) -> str:
+    while True:
+        t = s.rstrip(" .,;:?")
+        t = t[:-2] if t.endswith("\\\\") else t
+        if t == s:
+            return s
+        s = t
 
 
 def _unwrap_text(s: str) -> str:
@@ -334,9 +353,8 @@ def _normalize(s: str) -> str:
     s = re.sub(r"^[A-Za-z]\s*\(\s*[A-Za-z]\s*\)\s*=\s*", "", s)  # "f(x) = x^2"
     s = re.sub(r"^all real numbers$", r"\\Reals", s, flags=re.I)
     s = re.sub(r"\s*\((?:since|because|as|for|when|where|assuming)\b[^()]*\)?\s*$", "", s, flags=re.I)
-    s = re.sub(r"(?:\s|\\\\|[.,;:?])+$", "", s)             # trailing punctuation and \\ (not 5!)
-    s = _UNIT_TAIL_RE.sub("", s)                             # "8 ways", "12 cm^2", "60 miles per hour"
-    s = re.sub(r"(?:\s|[.,;:?])+$", "", s).strip()
+    s = _rstrip_punct(s)                                     # trailing punctuation and \\ (not 5!)
+    s = _rstrip_punct(_strip_units(s)).strip()               # "8 ways", "12 cm^2", "60 miles per hour"
     return _NUMBER_WORDS.get(s.lower(), s)
 
 
@@ -1277,12 +1295,19 @@ def grade(completion: str, gold: str, cfg: VerifyConfig = CFG) -> Verdict:
     _LOCAL.deadline = time.perf_counter() + cfg.time_budget_s
     try:
         g_text = _gold_answer(gold, cfg)
-        if g_text is None:
+        if g_text is None or len(g_text) > cfg.max_answer_chars:
             return Verdict(False, "bad_gold", None)
         answer = extract_answer(completion, cfg)
         if answer is None:
             return Verdict(False, "no_answer", None)
-        g_norm, p_norm = _normalize(g_text), _normalize(answer)
+        try:
+            g_norm = _normalize(g_text)
+        except ParseError:
+            return Verdict(False, "bad_gold", answer)
+        try:
+            p_norm = _normalize(answer)
+        except ParseError:
+            return Verdict(False, "unparsable", answer)
         if g_norm == p_norm and g_norm:
             return Verdict(True, "correct", answer)
         if _INT_RE.fullmatch(g_norm) and _INT_RE.fullmatch(p_norm):   # the common case, no sympy

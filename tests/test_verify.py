@@ -343,6 +343,9 @@ ADVERSARIAL = [
     ("sqrt-big", r"\boxed{\sqrt{" + "7" * 380 + "}}", "3", 0), ("root-index", r"\boxed{\sqrt[10^{9}]{2}}", "1", 0),
     ("deep-frac", "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}", "1", 0),
     ("pm-bomb", r"\boxed{" + r"\pm 1" * 20 + "}", "1", 0),
+    ("dots", r"\boxed{" + "." * 1999 + "x}", "1", 0), ("answer-tags", "<answer>" * 100_000, "1", 0),
+    ("text-unclosed", "\\boxed{" + "\\text{" * 300 + "}", "1", 0),
+    ("words", r"\boxed{1" + " aa" * 600 + " 1x}", "1", 0),
     ("long-union", r"\boxed{" + r"\cup".join(f"({2 * k},{2 * k + 1})" for k in range(150)) + "}", "(0,1)", 0),
 ]
 
@@ -355,6 +358,13 @@ def test_adversarial_fast_and_closed(name, completion, gold, want):
     assert cpu < 1.0, (name, cpu)          # CPU time of this process: immune to other jobs on the machine
     assert wall < 10.0, (name, wall)       # hang guard
     assert not os.path.exists("/tmp/retu_pwned")
+
+
+def test_huge_or_broken_gold_is_bad_gold_fast():
+    for gold in ("1" + " aa" * 300_000, "\\text{" * 300, "\\boxed{" * 1000):
+        cpu = time.process_time()
+        assert verify.grade(r"\boxed{1}", gold).reason == "bad_gold"
+        assert time.process_time() - cpu < 1.0
 
 
 def test_no_eval_path(monkeypatch, tmp_path):
