@@ -160,18 +160,16 @@ def _between_kind(s: str) -> str | None:
     return "or" if re.search(r"\bor\b", low) else "and"
 
 
-def _boxed_answer(text: str, cfg: VerifyConfig) -> tuple[bool, str | None]:
-    """(found a box, answer). The last box decides; an unterminated last box gives (True, None)."""
-    starts = [m for m in _BOX_RE.finditer(text)]
+def _boxed_answer(text: str) -> tuple[bool, str | None]:
+    """(found a box, answer). The last box decides; text that ends inside a box gives (True, None)."""
+    starts = list(_BOX_RE.finditer(text))
     if not starts:
         return False, None
     boxes = []                                           # (start, end, content), last box first
     for m in reversed(starts[-8:]):
         end = _match_brace(text, m.end())
         if end is None:
-            if not boxes:
-                return True, None                        # truncated inside the final box
-            break
+            return True, None                            # truncated inside a box
         if boxes and end > boxes[-1][0]:
             break                                        # nested: the outer box is not a separate part
         boxes.append((m.start(), end, text[m.end():end]))
@@ -230,7 +228,7 @@ def extract_answer(completion: str, cfg: VerifyConfig = CFG) -> str | None:
     """The final answer text of a completion per the policy (module docstring), or None."""
     try:
         text = _clean_input(completion, cfg)
-        found, ans = _boxed_answer(text, cfg)
+        found, ans = _boxed_answer(text)
         if not found:
             ans = _marker_answer(text)
             if ans is None:
@@ -245,7 +243,7 @@ def extract_answer(completion: str, cfg: VerifyConfig = CFG) -> str | None:
 def _gold_answer(gold: object, cfg: VerifyConfig) -> str | None:
     """Gold as it comes in MATH (LaTeX or a boxed solution), GSM8K ("... #### 72"), AIME (int)."""
     text = _clean_input(gold, cfg)
-    found, ans = _boxed_answer(text, cfg)
+    found, ans = _boxed_answer(text)
     if found:
         return ans
     if "####" in text:

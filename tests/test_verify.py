@@ -226,6 +226,8 @@ RAW = [
     ("truncated", r"So the answer is \boxed{\frac{1}{2}", r"\frac12", 0),
     ("truncated", r"The answer is \boxed{12}. So \boxed{", "12", 0),
     ("truncated", "First choose 3 of the 9 people, then", "9", 0),
+    ("truncated", r"\boxed{3} and then \boxed{5} since \boxed{", "5", 0),
+    ("truncated", r"so \boxed{\frac{1}{\boxed{2}", "2", 0),
     ("truncated", "So x = 7. So x = 7. So x", "7", 0), ("truncated", "The answer is", "5", 0),
     ("truncated", r"The answer is $\frac{1}{", r"\frac12", 0), ("truncated", "I computed 5 apples and", "5", 0),
     ("phrase", "The answer is 5.", "5", 1),
