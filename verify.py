@@ -1507,7 +1507,7 @@ def main(argv: list[str] | None = None) -> dict:
     shown = 0
     for i, v in enumerate(verdicts):
         if not v.correct and shown < args.show:
-            print(f"line item {i}: {v.reason}: answer={v.answer!r} gold={golds[i][:80]!r}", file=sys.stderr)
+            print(f"item {i}: {v.reason}: answer={v.answer!r} gold={golds[i][:80]!r}", file=sys.stderr)
             shown += 1
     print(json.dumps(summary))
     return summary
