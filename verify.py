@@ -14,9 +14,9 @@ The grading policy is ../shared/reference/verifier.md. How we implement it, and 
   2. Normalise (unicode, full-width digits, \\dfrac, \\left, spacing, thousands separators incl. 10,\\!000,
      currency, trailing unit words, degree signs, \\text, trailing punctuation) and parse with our own
      recursive-descent parser into a typed value: Num, Rel (equation / inequality), Tup, RealSet (interval, union,
-     one-variable linear inequality, set-builder), FSet (set / list / hedge), Mat, Text, Choice. Only compatible
-     types compare. Conventions: e is Euler's number, i the imaginary unit, \\log the natural log, \\sin 2x is
-     sin(2x), \\sqrt[3]{-8} = -2, 2\\frac12 = 5/2, \\pm expands to a set.
+     one-variable linear or degree <= 4 inequality, set-builder), FSet (set / list / hedge), Mat, Text, Choice.
+     Only compatible types compare. Conventions: e is Euler's number, i the imaginary unit, \\log the natural
+     log, \\sin 2x is sin(2x), \\sqrt[3]{-8} = -2, 2\\frac12 = 5/2, \\pm expands to a set.
   3. Numbers: rationals compare exactly (10^100 vs 10^100+1 is false); an exact rational difference decides;
      other exact values compare at 30 then 100 significant digits with a *relative* tolerance (1/2004! vs 1/2006!
      is false). Decimal prediction vs exact non-terminating gold: passes with >= 6 significant digits within one
@@ -25,9 +25,9 @@ The grading policy is ../shared/reference/verifier.md. How we implement it, and 
      has >= 3 significant digits. Symbols: random probe points (mixed signs, fixed seed, 30 digits); equations
      match up to a nonzero factor, inequalities up to a positive one. "50%" reads as 50 or 0.5 (two percents
      compare like with like); a bare number is never rescaled.
-Known limits (each fails closed, i.e. to 0.0): non-linear inequalities are compared as relations, not solution
-sets; ratios "3:4" do not parse; two distinct exact values closer than 1e-92 relative (without an exact rational
-difference) compare equal; sets of dozens of symbolic elements may run out of budget.
+Known limits: inequalities beyond linear and small polynomial ones are compared as relations, not solution sets;
+ratios "3:4" do not parse (both fail closed, to 0.0); two distinct exact values closer than 1e-92 relative
+(without an exact rational difference) compare equal; sets of dozens of symbolic elements may run out of budget.
 
 Security: the completion is untrusted. Nothing here calls eval, exec, sympify or parse_expr: sympy objects are
 built by the parser from tokens. Every expensive step is bounded (answer length, nesting depth, integer bits,
@@ -58,6 +58,7 @@ from fractions import Fraction
 from multiprocessing.connection import wait as mp_wait
 
 import sympy as sp
+from sympy.solvers.inequalities import solve_univariate_inequality
 
 
 @dataclass(frozen=True)
@@ -957,7 +958,8 @@ _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "=": "=", "!=": "!="}
 
 
 def _as_realset(v, var: sp.Symbol | None = None) -> sp.Set | None:
-    """A value read as a set of reals: intervals, finite sets, and one-variable (linear) relations."""
+    """A value read as a set of reals: intervals, finite sets, one-variable linear or small polynomial
+    relations."""
     v = _finish(v) if isinstance(v, (_Seq, sp.Expr)) else v
     if isinstance(v, RealSet):
         return v.set
@@ -975,7 +977,13 @@ def _as_realset(v, var: sp.Symbol | None = None) -> sp.Set | None:
     for op, a, b in zip(v.ops, v.parts, v.parts[1:]):
         d = a.expr - b.expr                              # a op b  <=>  d op 0, d = k x + c
         k = sp.diff(d, x)
-        if k.free_symbols or not k.is_number or k == 0 or not k.is_real:
+        if k.free_symbols:                               # not linear: a small polynomial inequality?
+            piece = _poly_solution_set(d, x, op)
+            if piece is None:
+                return None
+            out = sp.Intersection(out, piece)
+            continue
+        if not k.is_number or k == 0 or not k.is_real:
             return None
         c = -(d - k * x) / k
         if c.free_symbols or not c.is_real:
@@ -986,6 +994,24 @@ def _as_realset(v, var: sp.Symbol | None = None) -> sp.Set | None:
                  "!=": sp.Union(sp.Interval.open(-sp.oo, c), sp.Interval.open(c, sp.oo))}[op]
         out = sp.Intersection(out, piece)
     return out
+
+
+def _poly_solution_set(d: sp.Expr, x: sp.Symbol, op: str) -> sp.Set | None:
+    """Solution set of d op 0 for a polynomial d of degree <= 4 with small rational coefficients (x^2 < 4)."""
+    if op not in ("<", "<=", ">", ">="):
+        return None
+    try:
+        poly = sp.Poly(d, x)
+    except sp.PolynomialError:
+        return None
+    coeffs = poly.all_coeffs()
+    if poly.degree() > 4 or not all(c.is_Rational and max(abs(c.p), c.q).bit_length() <= 64 for c in coeffs):
+        return None
+    rel = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op](poly.as_expr(), 0)
+    try:
+        return solve_univariate_inequality(rel, x, relational=False)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
 
 
 def _classify_special(s: str) -> Choice | Text | None:
@@ -1248,9 +1274,9 @@ def _equal(g, p, cfg: VerifyConfig) -> bool:
         if isinstance(p, Num):
             gv = _rel_value(g, gold=True)
             return gv is not None and _num_eq(gv, p, cfg)
-        if isinstance(p, RealSet):
-            gs = _as_realset(g)
-            return gs is not None and _set_eq(gs, p.set, cfg)
+        if isinstance(p, (RealSet, Tup)):                 # x^2 < 4 vs (-2, 2)
+            gs, ps = _as_realset(g), _as_realset(p)
+            return gs is not None and ps is not None and _set_eq(gs, ps, cfg)
         return False
     if isinstance(g, RealSet):
         ps = _as_realset(p) if isinstance(p, (Rel, RealSet, Tup)) else None

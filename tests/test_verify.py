@@ -104,6 +104,9 @@ BOXED = [
     ("ineq", r"x<-1 \text{ or } x>2", r"(-\infty,-1]\cup(2,\infty)", 0), ("ineq", "2 < x", "x > 2", 1),
     ("ineq", "2x < 6", "x<3", 1), ("ineq", "x>3", "x<3", 0), ("ineq", r"\{x \mid x>2\}", r"(2,\infty)", 1),
     ("ineq", r"\{x : x \le 0\}", r"x \le 0", 1), ("ineq", r"x \neq 1", r"(-\infty,1)\cup(1,\infty)", 1),
+    ("ineq", "x^2<4", "(-2,2)", 1), ("ineq", "(-2,2)", "x^2<4", 1), ("ineq", r"x^2 \le 4", "(-2,2)", 0),
+    ("ineq", r"x^2-5x+6\ge0", r"(-\infty,2]\cup[3,\infty)", 1), ("ineq", "x^2>2", r"x>\sqrt2", 0),
+    ("ineq", r"x^2 > 2", r"x<-\sqrt2 \text{ or } x>\sqrt2", 1),
     ("ineq", "x>2", r"x \ge 2", 0), ("ineq", r"x \in [1, 2]", "[1,2]", 1), ("ineq", "x ≤ 2", r"x \leq 2", 1),
     # -- tuples (rule 6)
     ("tuple", "(1,2)", "(1,2)", 1), ("tuple", "(1,2)", "(2,1)", 0), ("tuple", "(1, 2)", "(1,2)", 1),
