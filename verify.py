@@ -14,7 +14,7 @@ The grading policy is ../shared/reference/verifier.md. How we implement it, and 
   2. Normalise (unicode, full-width digits, \\dfrac, \\left, spacing, thousands separators incl. 10,\\!000,
      currency, trailing unit words, degree signs, \\text, trailing punctuation) and parse with our own
      recursive-descent parser into a typed value: Num, Rel (equation / inequality), Tup, RealSet (interval, union,
-     one-variable linear or degree <= 4 inequality, set-builder), FSet (set / list / hedge), Mat, Text, Choice.
+     one-variable linear or quadratic inequality, set-builder), FSet (set / list / hedge), Mat, Text, Choice.
      Only compatible types compare. Conventions: e is Euler's number, i the imaginary unit, \\log the natural
      log, \\sin 2x is sin(2x), \\sqrt[3]{-8} = -2, 2\\frac12 = 5/2, \\pm expands to a set.
   3. Numbers: rationals compare exactly (10^100 vs 10^100+1 is false); an exact rational difference decides;
@@ -25,7 +25,7 @@ The grading policy is ../shared/reference/verifier.md. How we implement it, and 
      has >= 3 significant digits. Symbols: random probe points (mixed signs, fixed seed, 30 digits); equations
      match up to a nonzero factor, inequalities up to a positive one. "50%" reads as 50 or 0.5 (two percents
      compare like with like); a bare number is never rescaled.
-Known limits: inequalities beyond linear and small polynomial ones are compared as relations, not solution sets;
+Known limits: inequalities beyond linear and quadratic ones are compared as relations, not solution sets;
 ratios "3:4" do not parse (both fail closed, to 0.0); two distinct exact values closer than 1e-92 relative
 (without an exact rational difference) compare equal; sets of dozens of symbolic elements may run out of budget.
 
@@ -958,7 +958,7 @@ _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "=": "=", "!=": "!="}
 
 
 def _as_realset(v, var: sp.Symbol | None = None) -> sp.Set | None:
-    """A value read as a set of reals: intervals, finite sets, one-variable linear or small polynomial
+    """A value read as a set of reals: intervals, finite sets, one-variable linear or quadratic
     relations."""
     v = _finish(v) if isinstance(v, (_Seq, sp.Expr)) else v
     if isinstance(v, RealSet):
@@ -997,7 +997,8 @@ def _as_realset(v, var: sp.Symbol | None = None) -> sp.Set | None:
 
 
 def _poly_solution_set(d: sp.Expr, x: sp.Symbol, op: str) -> sp.Set | None:
-    """Solution set of d op 0 for a polynomial d of degree <= 4 with small rational coefficients (x^2 < 4)."""
+    """Solution set of d op 0 for a quadratic d with small rational coefficients (x^2 < 4). Higher degrees are
+    left out on purpose: sympy can take minutes on a quartic with large coefficients, uninterruptibly."""
     if op not in ("<", "<=", ">", ">="):
         return None
     try:
@@ -1005,7 +1006,7 @@ def _poly_solution_set(d: sp.Expr, x: sp.Symbol, op: str) -> sp.Set | None:
     except sp.PolynomialError:
         return None
     coeffs = poly.all_coeffs()
-    if poly.degree() > 4 or not all(c.is_Rational and max(abs(c.p), c.q).bit_length() <= 64 for c in coeffs):
+    if poly.degree() > 2 or not all(c.is_Rational and max(abs(c.p), c.q).bit_length() <= 32 for c in coeffs):
         return None
     rel = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op](poly.as_expr(), 0)
     try:
