@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from multiprocessing.connection import wait as mp_wait
 
+import mpmath
 import sympy as sp
 from sympy.solvers.inequalities import solve_univariate_inequality
 
@@ -520,8 +521,8 @@ class _Parser:
             bits = max(abs(b.p).bit_length(), b.q.bit_length())
             if bits * abs(e.p) > self.cfg.max_int_bits:
                 raise ParseError("power too large")
-            if e.q != 1 and (e.q > 1000 or bits > 200):
-                return sp.Pow(b, e, evaluate=False)      # sympy factors the base of a root: keep it small
+            if e.q != 1 and (e.q > 1000 or bits > 1024):
+                raise ParseError("root of a huge number")  # sympy factors the base (isprime on the cofactor)
         return self.guard(sp.Pow(b, e))
 
     def func(self, name: str, arg: sp.Expr, base: sp.Expr | None = None) -> sp.Expr:
@@ -769,7 +770,8 @@ class _Parser:
             inner = _expr(self.sum())
             self.expect("|")
             self.abs_depth -= 1
-            return sp.Abs(inner)
+            # sympy rewrites |f(x)| of complex-looking f into re/im towers (seconds): keep symbolic ones as written
+            return sp.Abs(inner, evaluate=not inner.free_symbols)
         if kind == "cmd":
             return self.command(text[1:])
         raise ParseError(f"unexpected {text!r}")
@@ -848,8 +850,9 @@ class _Parser:
             return self.guard(num / den)
         if name == "binom":
             n, k = self.arg(), self.arg()
-            if n.is_number and not (n.is_Integer and abs(n) <= self.cfg.max_factorial):
-                raise ParseError("binomial too large")
+            if (n.is_number and not (n.is_Integer and abs(n) <= self.cfg.max_factorial)) or \
+                    (k.is_number and not k.is_Integer):
+                raise ParseError("binomial needs integer arguments up to max_factorial")
             return self.guard(sp.binomial(n, k))
         if name in ("lfloor", "lceil"):
             inner = _expr(self.sum())
@@ -1061,7 +1064,12 @@ def parse_value(answer: str, cfg: VerifyConfig = CFG):
 
 
 def _parse_plain(s: str, cfg: VerifyConfig):
-    return _Parser(_tokenize(s), cfg).top()
+    try:
+        return _Parser(_tokenize(s), cfg).top()
+    except (ParseError, _Timeout):
+        raise
+    except (ValueError, TypeError, ArithmeticError, AttributeError, NotImplementedError, RecursionError) as e:
+        raise ParseError(f"sympy rejected the expression ({type(e).__name__})") from None   # hostile input
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1099,32 +1107,96 @@ def _dist_le(a: sp.Expr, b: sp.Expr, tol: sp.Expr, digits: int) -> bool:
     return d is not None and bool(sp.Abs(d) <= tol)
 
 
+class _Inconclusive(Exception):
+    pass
+
+
+_MP_FUNCS = {sp.sin: "sin", sp.cos: "cos", sp.tan: "tan", sp.cot: "cot", sp.sec: "sec", sp.csc: "csc",
+             sp.asin: "asin", sp.acos: "acos", sp.atan: "atan", sp.sinh: "sinh", sp.cosh: "cosh", sp.tanh: "tanh",
+             sp.exp: "exp", sp.log: "log", sp.Abs: "fabs", sp.floor: "floor", sp.ceiling: "ceil",
+             sp.factorial: "factorial", sp.factorial2: "fac2", sp.binomial: "binomial", sp.gamma: "gamma"}
+
+
+def _mp_ctx() -> mpmath.ctx_mp.MPContext:
+    """A thread-local mpmath context at the probe precision (mpmath.mp itself is process-global)."""
+    ctx = getattr(_LOCAL, "mp", None)
+    if ctx is None:
+        ctx = _LOCAL.mp = mpmath.MPContext()
+        ctx.dps = _P1
+    return ctx
+
+
+def _mp_eval(e: sp.Basic, env: dict, ctx):
+    """Evaluate a sympy tree at a point with our own walker: every function argument and exponent is
+    magnitude-checked first, so no probe can hang inside mpmath (sympy's evalf computed gamma(2^12345))."""
+    _tick()
+    if e.is_Symbol:
+        return env[e]
+    if e.is_Rational:
+        return ctx.mpf(int(e.p)) / int(e.q)
+    if e.is_Float:
+        return ctx.mpf(e._mpf_)
+    if e is sp.pi:
+        return ctx.pi
+    if e is sp.E:
+        return ctx.e
+    if e is sp.I:
+        return ctx.mpc(0, 1)
+    args = [_mp_eval(a, env, ctx) for a in e.args]
+    if isinstance(e, sp.Add):
+        return ctx.fsum(args)
+    if isinstance(e, sp.Mul):
+        return ctx.fprod(args)
+    if isinstance(e, sp.Pow):
+        if ctx.mag(args[1]) > 20 or (args[0] == 0 and ctx.re(args[1]) <= 0):
+            raise _Inconclusive                          # |exponent| > ~1e6, or 0^-1
+        return ctx.power(args[0], args[1])
+    name = _MP_FUNCS.get(type(e))
+    if name is None or (len(args) > 1 and name != "binomial"):
+        raise _Inconclusive                              # e.g. log with a base is log(x)/log(b) already
+    if name != "log" and any(ctx.mag(a) > 20 for a in args):
+        raise _Inconclusive
+    return getattr(ctx, name)(*args)
+
+
+def _probe_value(e: sp.Expr, env: dict, ctx):
+    try:
+        v = _mp_eval(e, env, ctx)
+    except (_Inconclusive, ZeroDivisionError, ValueError, OverflowError):
+        return None
+    return v if ctx.isfinite(v) else None
+
+
+def _mp_close(a, b, digits: int, ctx) -> bool:
+    scale = max(abs(a), abs(b))
+    return scale == 0 or abs(a - b) <= scale * ctx.mpf(10) ** (-digits)
+
+
 def _probe_eq(a: sp.Expr, b: sp.Expr, cfg: VerifyConfig, ratio: bool = False, positive: bool = False) -> bool:
     """a == b (or a == c*b for a constant c != 0 when ratio) at random points, mixed signs, 30 digits."""
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(20251126)
+    rng, ctx = random.Random(20251126), _mp_ctx()
     good, c0 = 0, None
     for _ in range(3 * cfg.n_probes):
         if good >= cfg.n_probes:
             break
-        _tick()
-        subs = {s: sp.Float(rng.choice((-1, 1)) * rng.uniform(0.3, 2.3), _P1) for s in syms}
-        va, vb = _number(a, _P1, subs), _number(b, _P1, subs)
+        env = {s: ctx.mpf(rng.choice((-1, 1)) * rng.uniform(0.3, 2.3)) for s in syms}
+        va, vb = _probe_value(a, env, ctx), _probe_value(b, env, ctx)
         if va is None and vb is None:
             continue
         if va is None or vb is None:
             return False
         if ratio:
-            if _rel_close(vb, 0, 20):
+            if _mp_close(vb, 0, 20, ctx):
                 continue
             c = va / vb
             if c0 is None:
-                if _rel_close(c, 0, 20) or (positive and not (c.is_real and c > 0)):
+                if _mp_close(c, 0, 20, ctx) or (positive and not (ctx.im(c) == 0 and ctx.re(c) > 0)):
                     return False
                 c0 = c
-            elif not _rel_close(c, c0, 18):
+            elif not _mp_close(c, c0, 18, ctx):
                 return False
-        elif not _rel_close(va, vb, 18):
+        elif not _mp_close(va, vb, 18, ctx):
             return False
         good += 1
     return good >= 2
