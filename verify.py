@@ -850,9 +850,10 @@ class _Parser:
             return self.guard(num / den)
         if name == "binom":
             n, k = self.arg(), self.arg()
+            k_max = self.cfg.max_factorial if n.is_number else 1000   # sympy loops k times
             if (n.is_number and not (n.is_Integer and abs(n) <= self.cfg.max_factorial)) or \
-                    (k.is_number and not k.is_Integer):
-                raise ParseError("binomial needs integer arguments up to max_factorial")
+                    (k.is_number and not (k.is_Integer and abs(k) <= k_max)):
+                raise ParseError("binomial needs small integer arguments")
             return self.guard(sp.binomial(n, k))
         if name in ("lfloor", "lceil"):
             inner = _expr(self.sum())

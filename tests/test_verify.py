@@ -411,6 +411,33 @@ def test_fuzz_token_soup_never_crashes():
         assert time.process_time() - cpu < 1.0, (a, b)
 
 
+def test_fuzz_hostile_grammar_stays_fast():
+    """Random well-formed LaTeX with hostile pieces (towers, factorials, huge literals, roots, floors, binomials,
+    sets): each call stays under 1 s of CPU and never hits an internal error. Each generator rule below once
+    found a sympy call that ran for minutes (gamma(2^12345) in evalf, binomial(-1, 10^12), factoring a root)."""
+    import random
+    rng = random.Random(1)
+    leaves = ["2", "7", "0", "1", "0.5", "99", "12345", "x", "y", r"\pi", "e", "i", "10^{300}", "2^{2005}", "1.5e-300",
+              "65537", "-1", r"\infty", "1000000000000"]
+
+    def gen(d):
+        if d <= 0 or rng.random() < 0.2:
+            return rng.choice(leaves)
+        a, b = gen(d - 1), gen(d - 1)
+        return rng.choice([f"{a}+{b}", f"{a}\\cdot {b}", f"\\frac{{{a}}}{{{b}}}", f"{{{a}}}^{{{b}}}", f"({a})!",
+                           f"\\sqrt[{{{b}}}]{{{a}}}", f"\\sin({a})", f"\\log_{{{b}}}({a})", f"\\binom{{{a}}}{{{b}}}",
+                           f"\\lfloor {a} \\rfloor", f"|{a}|", f"e^{{{a}}}", f"\\cos\\frac{{\\pi}}{{{a}}}", f"{a}<{b}",
+                           f"({a},{b})", f"[{a},{b})", f"\\{{{a},{b}\\}}", f"{a}\\%", f"{a} \\pm {b}",
+                           f"x^{{{a}}} < {b}", f"\\sqrt{{{a}^2+{b}^2}}"])
+    for _ in range(150):
+        a, b = gen(rng.randint(1, 5)), gen(rng.randint(1, 5))
+        b = a.replace("x", "(x)") if rng.random() < 0.3 else b
+        cpu = time.process_time()
+        v = verify.grade(f"\\boxed{{{a}}}", b)
+        assert v.reason != "error", (a, b)
+        assert time.process_time() - cpu < 1.0, (a, b)
+
+
 def test_budget_works_off_the_main_thread():
     cfg = verify.VerifyConfig(time_budget_s=0.0)
     out = {}
