@@ -1353,6 +1353,8 @@ def _equal(g, p, cfg: VerifyConfig) -> bool:
             return gs is not None and ps is not None and _set_eq(gs, ps, cfg)
         return False
     if isinstance(g, RealSet):
+        if isinstance(g.set, sp.FiniteSet) and isinstance(p, (Num, FSet)) and getattr(p, "kind", "") != "hedge":
+            return _unordered_eq([Num(e) for e in g.set.args], p.items if isinstance(p, FSet) else [p], cfg)
         ps = _as_realset(p) if isinstance(p, (Rel, RealSet, Tup)) else None
         return ps is not None and _set_eq(g.set, ps, cfg)
     if isinstance(g, Tup):

@@ -136,7 +136,9 @@ BOXED = [
     ("set", r"\emptyset", r"\varnothing", 1), ("set", r"\{\}", r"\emptyset", 1), ("set", r"\emptyset", "0", 0),
     ("set", "1728", r"1331 \text{ and } 1728", 0), ("set", "1331, 1728", r"1331 \text{ and } 1728", 1),
     ("set", r"x = 3 \text{ or } x = -5", "3, -5", 1), ("set", r"x = 3 \text{ or } x = -5", "3", 0),
-    ("set", r"x = \pm 2", "2, -2", 1), ("set", r"\{3\}", "3", 1), ("set", "3 or 4 or 5", "5", 0),
+    ("set", "1, 2", r"x = 1 \text{ or } x = 2", 1), ("set", "1", r"x = 1 \text{ or } x = 2", 0),
+    ("set", "1, 2, 3", r"x = 1 \text{ or } x = 2", 0), ("set", r"x = \pm 2", "2, -2", 1),
+    ("set", r"\{3\}", "3", 1), ("set", "3 or 4 or 5", "5", 0),
     ("set", r"3 \text{ or } 4", "4", 0), ("set", "(1,2), (3,4)", "(3,4), (1,2)", 1),
     ("set", "(1,2), (3,4)", "(1,2)", 0),
     # -- percent (rule 3)
