@@ -517,11 +517,13 @@ class _Parser:
     def pow(self, b: sp.Expr, e: sp.Expr) -> sp.Expr:
         b, e = _expr(b), _expr(e)
         self.check_mag(e, self.cfg.max_exponent)
+        if e.is_Rational and e.q > 1000:                 # sympy's integer_nthroot(., q) tries 2**q
+            raise ParseError("root index too large")
         if e.is_Rational and b.is_Rational and abs(b) not in (0, 1):
             bits = max(abs(b.p).bit_length(), b.q.bit_length())
             if bits * abs(e.p) > self.cfg.max_int_bits:
                 raise ParseError("power too large")
-            if e.q != 1 and (e.q > 1000 or bits > 1024):
+            if e.q != 1 and bits > 1024:
                 raise ParseError("root of a huge number")  # sympy factors the base (isprime on the cofactor)
         return self.guard(sp.Pow(b, e))
 

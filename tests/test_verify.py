@@ -353,6 +353,7 @@ ADVERSARIAL = [
     ("dots", r"\boxed{" + "." * 1999 + "x}", "1", 0), ("answer-tags", "<answer>" * 100_000, "1", 0),
     ("text-unclosed", "\\boxed{" + "\\text{" * 300 + "}", "1", 0),
     ("words", r"\boxed{1" + " aa" * 600 + " 1x}", "1", 0),
+    ("root-of-product", r"\boxed{y}", r"{\sqrt{7^2+2.718^2}}^{\frac{1}{700876051303}}", 0),
     ("quartic", r"\boxed{\frac{x^4}{65521} + \frac{x^3}{65519} - \frac{x}{65497} + \frac{3}{65479} < 0}", "(0,1)", 0),
     ("long-union", r"\boxed{" + r"\cup".join(f"({2 * k},{2 * k + 1})" for k in range(150)) + "}", "(0,1)", 0),
 ]
