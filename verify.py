@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import json
 import multiprocessing as mp
+import os
 import random
 import re
 import sys
@@ -65,6 +67,7 @@ from sympy.solvers.inequalities import solve_univariate_inequality
 @dataclass(frozen=True)
 class VerifyConfig:
     time_budget_s: float = 1.0        # cooperative budget per score() call (parse + compare), any thread
+    hard_limit_s: float = 1.5         # the watchdog interrupts a call still running after this long
     batch_timeout_s: float = 5.0      # hard wall-clock limit per item in score_batch (worker is killed)
     max_scan_chars: int = 4_000_000   # only the tail of a longer completion is scanned for the answer
     max_answer_chars: int = 2000      # a longer extracted answer fails closed
@@ -507,10 +510,8 @@ class _Parser:
             if e.is_Integer:
                 ok = abs(int(e)) <= bound
             else:
-                try:
-                    ok = abs(complex(e.evalf(15))) <= bound
-                except (TypeError, OverflowError, ValueError):
-                    ok = False
+                v = _mp_number(e, 15)
+                ok = v is not None and abs(v) <= bound
             if not ok:
                 raise ParseError("argument too large")
 
@@ -526,6 +527,18 @@ class _Parser:
             if e.q != 1 and bits > 1024:
                 raise ParseError("root of a huge number")  # sympy factors the base (isprime on the cofactor)
         return self.guard(sp.Pow(b, e))
+
+    def floor(self, x: sp.Expr, down: bool) -> sp.Expr:
+        """sympy's floor of a constant may call simplify (seen to run for minutes): we round our own value."""
+        if x.free_symbols:
+            return sp.floor(x, evaluate=False) if down else sp.ceiling(x, evaluate=False)
+        if x.is_Rational:
+            return sp.floor(x) if down else sp.ceiling(x)
+        ctx = _mp_ctx(50)
+        v = _mp_number(x, 50)
+        if v is None or ctx.im(v) != 0 or abs(v) > 1e15 or abs(v - ctx.nint(v)) < ctx.mpf(10) ** -30:
+            raise ParseError("floor of a value we cannot round safely")
+        return sp.Integer(int(ctx.floor(v) if down else ctx.ceil(v)))
 
     def func(self, name: str, arg: sp.Expr, base: sp.Expr | None = None) -> sp.Expr:
         arg = _expr(arg)
@@ -772,8 +785,9 @@ class _Parser:
             inner = _expr(self.sum())
             self.expect("|")
             self.abs_depth -= 1
-            # sympy rewrites |f(x)| of complex-looking f into re/im towers (seconds): keep symbolic ones as written
-            return sp.Abs(inner, evaluate=not inner.free_symbols)
+            # sympy rewrites |f| of complex-looking f into re/im towers (seconds): evaluate only plain numbers
+            plain = not inner.free_symbols and not any(isinstance(a, sp.Function) for a in sp.preorder_traversal(inner))
+            return sp.Abs(inner, evaluate=plain)
         if kind == "cmd":
             return self.command(text[1:])
         raise ParseError(f"unexpected {text!r}")
@@ -860,7 +874,7 @@ class _Parser:
         if name in ("lfloor", "lceil"):
             inner = _expr(self.sum())
             self.expect("\\rfloor" if name == "lfloor" else "\\rceil")
-            return sp.floor(inner) if name == "lfloor" else sp.ceiling(inner)
+            return self.floor(inner, name == "lfloor")
         if name in ("emptyset", "varnothing"):
             return RealSet(sp.S.EmptySet)
         if name == "Reals":
@@ -1081,20 +1095,6 @@ def _parse_plain(s: str, cfg: VerifyConfig):
 _P1, _P2 = 30, 100           # digits of the two-stage numeric check for exact non-rational values
 
 
-def _number(e: sp.Expr, prec: int, subs: dict | None = None) -> sp.Expr | None:
-    v = e.evalf(prec, subs=subs) if subs else e.evalf(prec)
-    if v.free_symbols or v.has(sp.nan, sp.zoo, sp.oo, -sp.oo) or not v.is_number:
-        return None
-    return v
-
-
-def _rel_close(a: sp.Expr, b: sp.Expr, digits: int) -> bool:
-    scale = max(sp.Abs(a), sp.Abs(b))
-    if scale == 0:
-        return True
-    return bool(sp.Abs(a - b) <= scale * sp.Float(10, 5) ** (-digits))
-
-
 def _terminating(e: sp.Expr) -> bool:
     if not e.is_Rational:
         return False
@@ -1105,9 +1105,10 @@ def _terminating(e: sp.Expr) -> bool:
     return q == 1
 
 
-def _dist_le(a: sp.Expr, b: sp.Expr, tol: sp.Expr, digits: int) -> bool:
-    d = _number(a - b, digits)
-    return d is not None and bool(sp.Abs(d) <= tol)
+def _dist_le(a: sp.Expr, b: sp.Expr, tol_exp10: int, digits: int) -> bool:
+    """|a - b| <= 10^tol_exp10 for constants, at `digits` significant digits."""
+    va, vb = _mp_number(a, digits), _mp_number(b, digits)
+    return va is not None and vb is not None and abs(va - vb) <= _mp_ctx(digits).mpf(10) ** tol_exp10
 
 
 class _Inconclusive(Exception):
@@ -1120,13 +1121,15 @@ _MP_FUNCS = {sp.sin: "sin", sp.cos: "cos", sp.tan: "tan", sp.cot: "cot", sp.sec:
              sp.factorial: "factorial", sp.factorial2: "fac2", sp.binomial: "binomial", sp.gamma: "gamma"}
 
 
-def _mp_ctx() -> mpmath.ctx_mp.MPContext:
-    """A thread-local mpmath context at the probe precision (mpmath.mp itself is process-global)."""
-    ctx = getattr(_LOCAL, "mp", None)
-    if ctx is None:
-        ctx = _LOCAL.mp = mpmath.MPContext()
-        ctx.dps = _P1
-    return ctx
+def _mp_ctx(dps: int = _P1) -> mpmath.ctx_mp.MPContext:
+    """A thread-local mpmath context with `dps` digits (mpmath.mp itself is process-global)."""
+    cache = getattr(_LOCAL, "mp", None)
+    if cache is None:
+        cache = _LOCAL.mp = {}
+    if dps not in cache:
+        cache[dps] = mpmath.MPContext()
+        cache[dps].dps = dps
+    return cache[dps]
 
 
 def _mp_eval(e: sp.Basic, env: dict, ctx):
@@ -1165,9 +1168,17 @@ def _mp_eval(e: sp.Basic, env: dict, ctx):
 def _probe_value(e: sp.Expr, env: dict, ctx):
     try:
         v = _mp_eval(e, env, ctx)
-    except (_Inconclusive, ZeroDivisionError, ValueError, OverflowError):
+    except (_Inconclusive, ZeroDivisionError, ValueError, OverflowError, TypeError):
         return None
     return v if ctx.isfinite(v) else None
+
+
+def _mp_number(e: sp.Expr, dps: int):
+    """The value of a constant expression at `dps` digits, or None (we never call sympy's evalf: on some
+    constants it runs for minutes, see _mp_eval)."""
+    if e.free_symbols:
+        return None
+    return _probe_value(e, {}, _mp_ctx(dps))
 
 
 def _mp_close(a, b, digits: int, ctx) -> bool:
@@ -1221,20 +1232,19 @@ def _scalar_eq(ge: sp.Expr, gdec, pe: sp.Expr, pdec, cfg: VerifyConfig) -> bool:
     if pdec:                                             # decimal prediction, exact gold
         if _terminating(ge):
             return False
-        return pdec[0] >= cfg.min_sig_digits and _dist_le(pe, ge, sp.Rational(10) ** -pdec[1], pdec[0] + 15)
+        return pdec[0] >= cfg.min_sig_digits and _dist_le(pe, ge, -pdec[1], pdec[0] + 15)
     if gdec:                                             # decimal gold, exact prediction
         if _terminating(pe):
             return False
-        return gdec[0] >= cfg.gold_round_min_sig and _dist_le(
-            pe, ge, sp.Rational(10) ** -gdec[1] / 2, gdec[0] + 15)
+        return gdec[0] >= cfg.gold_round_min_sig and _dist_le(2 * pe, 2 * ge, -gdec[1], gdec[0] + 15)
     if ge.is_Rational and pe.is_Rational:
         return False
     diff = ge - pe                                       # sympy cancels common terms: pi/3 + 10^-95 - pi/3
     if diff.is_Rational:
         return diff == 0
     for prec in (_P1, _P2):                              # relative, never absolute: 1/2004! != 1/2006!
-        va, vb = _number(ge, prec), _number(pe, prec)
-        if va is None or vb is None or not _rel_close(va, vb, prec - 8):
+        va, vb = _mp_number(ge, prec), _mp_number(pe, prec)
+        if va is None or vb is None or not _mp_close(va, vb, prec - 8, _mp_ctx(prec)):
             return False
     return True
 
@@ -1391,15 +1401,76 @@ _GOLD_CACHE: dict[tuple[str, VerifyConfig], object] = {}
 _INT_RE = re.compile(r"-?\d{1,300}")
 
 
+class _HardTimeout(BaseException):
+    """Raised inside a grading thread by the watchdog. A BaseException, so `except Exception` (ours or sympy's)
+    cannot swallow it."""
+
+
+class _Watchdog:
+    """One daemon thread that interrupts a grade() call running past cfg.hard_limit_s, in whatever thread it
+    runs. The cooperative deadline cannot stop a sympy call that loops inside sympy (the fuzz tests found
+    several); CPython's PyThreadState_SetAsyncExc raises _HardTimeout in that thread at its next bytecode, so
+    pure-Python loops stop. A single long C call (one huge bigint operation) finishes first; the size caps keep
+    those short."""
+
+    def __init__(self):
+        self.wake = threading.Condition()
+        self.calls: dict[int, tuple[float, int]] = {}    # token -> (deadline, thread id)
+        self.tokens = 0
+        self.pid = None                                  # the thread is started on first use
+
+    def register(self, seconds: float) -> int:
+        with self.wake:
+            if self.pid != os.getpid():
+                self.pid, self.calls = os.getpid(), {}
+                threading.Thread(target=self._run, daemon=True, name="verify-watchdog").start()
+            self.tokens += 1
+            self.calls[self.tokens] = (time.perf_counter() + seconds, threading.get_ident())
+            self.wake.notify()
+            return self.tokens
+
+    def unregister(self, token: int) -> None:
+        with self.wake:
+            self.calls.pop(token, None)
+
+    def _run(self) -> None:
+        with self.wake:
+            while True:
+                now = time.perf_counter()
+                for token, (deadline, tid) in list(self.calls.items()):
+                    if now >= deadline:                  # once per call; the cooperative deadline backs it up
+                        del self.calls[token]
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
+                                                                   ctypes.py_object(_HardTimeout))
+                nearest = min((d for d, _ in self.calls.values()), default=now + 60.0)
+                self.wake.wait(timeout=max(nearest - now, 0.001))
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.__init__)   # fresh lock and thread in a forked child
+
+
 def grade(completion: str, gold: str, cfg: VerifyConfig = CFG) -> Verdict:
     """Score one completion with the reason (parse failures are counted apart from wrong answers)."""
+    state: dict[str, str | None] = {"answer": None}
+    try:
+        token = _WATCHDOG.register(cfg.hard_limit_s)
+        try:
+            return _grade(completion, gold, cfg, state)
+        finally:
+            _WATCHDOG.unregister(token)                  # a _HardTimeout already sent lands in this try
+    except _HardTimeout:
+        return Verdict(False, "timeout", state["answer"])
+
+
+def _grade(completion: str, gold: str, cfg: VerifyConfig, state: dict) -> Verdict:
     answer = None
     _LOCAL.deadline = time.perf_counter() + cfg.time_budget_s
     try:
         g_text = _gold_answer(gold, cfg)
         if g_text is None or len(g_text) > cfg.max_answer_chars:
             return Verdict(False, "bad_gold", None)
-        answer = extract_answer(completion, cfg)
+        answer = state["answer"] = extract_answer(completion, cfg)
         if answer is None:
             return Verdict(False, "no_answer", None)
         try:

@@ -441,6 +441,31 @@ def test_fuzz_hostile_grammar_stays_fast():
         assert time.process_time() - cpu < 1.0, (a, b)
 
 
+def test_watchdog_interrupts_a_stuck_call_in_any_thread(monkeypatch):
+    """A call stuck inside a library loop (no cooperative check) is interrupted at cfg.hard_limit_s."""
+    def stuck(*args):
+        while True:
+            pass
+    monkeypatch.setattr(verify, "_grade", stuck)
+    cfg = verify.VerifyConfig(hard_limit_s=0.3)
+    out = {}
+    t0 = time.perf_counter()
+    out["main"] = verify.grade("x", "y", cfg)
+    th = threading.Thread(target=lambda: out.update(thread=verify.grade("x", "y", cfg)))
+    th.start()
+    th.join(30)
+    assert [(v.reason, v.score) for v in (out["main"], out["thread"])] == [("timeout", 0.0)] * 2
+    assert time.perf_counter() - t0 < 20.0
+
+
+def test_sympy_slow_path_fails_closed_in_time():
+    """Found by fuzzing: sympy's assumption system evaluates this gold for seconds inside one constructor."""
+    gold = r"(\lfloor 7 \rfloor)(\sqrt{\sin(\sin(\arcsin(0.5)))^2+\log_{1000}(\arcsin(3))\%^2})"
+    t0 = time.perf_counter()
+    assert verify.score(r"\boxed{\{\arcsin(0),\infty+10\}}", gold) == 0.0
+    assert time.perf_counter() - t0 < 10.0
+
+
 def test_budget_works_off_the_main_thread():
     cfg = verify.VerifyConfig(time_budget_s=0.0)
     out = {}
