@@ -520,6 +520,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, tokenizer_di
         shards[-1].append(name)
         size += nbytes
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)           # mkdtemp makes it 0700; a checkpoint is shared like any directory
     try:
         weight_map = {}
         for i, names in enumerate(shards):

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -467,8 +468,13 @@ def test_save_is_atomic_and_copies_tokenizer(tmp_path, monkeypatch):
     (tok / "tokenizer.json").write_text("{}")
     (tok / "tokenizer_config.json").write_text('{"eos_token": "x"}')
     m = make_model()
-    M.save_pretrained(m, tmp_path / "ckpt", tokenizer_dir=tok)
+    old_umask = os.umask(0o022)
+    try:
+        M.save_pretrained(m, tmp_path / "ckpt", tokenizer_dir=tok)
+    finally:
+        os.umask(old_umask)
     assert (tmp_path / "ckpt" / "tokenizer_config.json").read_text() == '{"eos_token": "x"}'
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755      # not mkdtemp's 0700: others can read it
     # a crash while writing the second checkpoint leaves the first intact and no temporary files
     calls = []
 
