@@ -51,6 +51,15 @@ class DataError(ValueError):
 
 def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """All records of a .jsonl (or .parquet) file as (location "file:line", record) pairs, in file order."""
+    records = list(iter_records(path))
+    if not records:
+        raise DataError(f"{path}: the file has no records")
+    return records
+
+
+def iter_records(path: str | os.PathLike):
+    """read_records one record at a time (a JSONL file is never held in memory whole; an empty file yields
+    nothing): for files too large to load, e.g. the training sets that `retu.py data decontaminate` streams."""
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
@@ -59,9 +68,9 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or convert to JSONL") from e
-        rows = pq.read_table(path).to_pylist()
-        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
-    records = []
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i + 1}", row
+        return
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -73,10 +82,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            records.append((where, rec))
-    if not records:
-        raise DataError(f"{path}: the file has no records")
-    return records
+            yield where, rec
 
 
 def _text(rec: dict, key: str, where: str, *, allow_number: bool = False) -> str:
