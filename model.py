@@ -41,6 +41,7 @@ Packed documents (`cu_seqlens`) run causal SDPA per document: block-diagonal cau
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -464,12 +465,17 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> Transformer:
+                    device: str | torch.device = "cpu", *, headless: bool = False) -> Transformer:
     """Load an HF checkpoint directory. The model is built on the meta device, then given uninitialised
     storage of `dtype` on `device`, and each tensor is copied from the memory-mapped file straight into
-    its parameter: peak memory is the model plus one tensor, never a second full copy."""
+    its parameter: peak memory is the model plus one tensor, never a second full copy.
+    headless=True loads the decoder without an LM head, for embedding models (`embed`): Qwen3-Embedding ships
+    its tensors without the "model." prefix and no lm_head.weight even when untied (the 8B); both are accepted
+    and the returned model's logits are meaningless (it is treated as tied)."""
     path = Path(path)
     config = ModelConfig.from_json(path / "config.json")
+    if headless:     # no (V, H) head is allocated: an embedding model never uses one
+        config = dataclasses.replace(config, tie_word_embeddings=True)
     files = _weight_files(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -479,19 +485,20 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):      # a buffer some old exports contain
-                        continue
+                for key in f.keys():
+                    name = key if not headless or key.startswith("model.") else "model." + key
+                    if key.endswith("rotary_emb.inv_freq") or (headless and key == "lm_head.weight"):
+                        continue                                  # a buffer of old exports; an unused head
                     if name not in params:
-                        raise ValueError(f"{file}: unexpected tensor {name!r} "
+                        raise ValueError(f"{file}: unexpected tensor {key!r} "
                                          f"(not a parameter of this {config.architecture} config)")
                     if name in loaded:
-                        raise ValueError(f"{file}: tensor {name!r} appears in more than one file")
-                    shape = tuple(f.get_slice(name).get_shape())
+                        raise ValueError(f"{file}: tensor {key!r} appears in more than one file")
+                    shape = tuple(f.get_slice(key).get_shape())
                     if shape != tuple(params[name].shape):
-                        raise ValueError(f"{file}: tensor {name!r} has shape {shape}, "
+                        raise ValueError(f"{file}: tensor {key!r} has shape {shape}, "
                                          f"expected {tuple(params[name].shape)} from config.json")
-                    params[name].copy_(f.get_tensor(name))
+                    params[name].copy_(f.get_tensor(key))
                     loaded.add(name)
         except SafetensorError as e:
             raise ValueError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
@@ -795,3 +802,34 @@ def flops_for_lengths(config: ModelConfig, seq_lens, training: bool = True) -> f
     s1 = sum(int(s) for s in seq_lens)
     s2 = sum(int(s) ** 2 for s in seq_lens)
     return mult * (2 * _matmul_params(c) * s1 + 4 * s2 * c.num_layers * c.num_heads * c.head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text embeddings (the Qwen3-Embedding recipe): the final normed hidden state at the last token, L2-normalised
+
+def embed(model: Transformer, token_ids: list[list[int]], tokens_per_batch: int = 16384) -> torch.Tensor:
+    """(N, H) fp32 unit vectors, one per token-id list (load the model with from_pretrained(..., headless=True);
+    each list should end in the EOS that Qwen3-Embedding's tokenizer appends, <|endoftext|>). Sequences are
+    sorted by length and run as right-padded batches of at most `tokens_per_batch` padded tokens; a longer one
+    runs alone. Under causal attention no real token sees the padding after it, so the last real token's state
+    equals that of an unpadded forward (HF pads on the left: RoPE is relative, so that gives the same vectors)."""
+    if not token_ids or any(len(t) == 0 for t in token_ids):
+        raise ValueError("embed: need a non-empty list of non-empty token-id lists")
+    dev = model.embed_tokens.weight.device
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))    # short first: little padding
+    out = torch.empty(len(token_ids), model.config.hidden_size, dtype=torch.float32, device=dev)
+    with torch.inference_mode():
+        i = 0
+        while i < len(order):
+            j = i + 1                    # sorted order: the batch's width is the length of its last member
+            while j < len(order) and (j + 1 - i) * len(token_ids[order[j]]) <= tokens_per_batch:
+                j += 1
+            idx = order[i:j]
+            rows = [torch.tensor(token_ids[k], dtype=torch.long) for k in idx]
+            ids = nn.utils.rnn.pad_sequence(rows, batch_first=True).to(dev)           # (b, T), 0-padded
+            last = torch.tensor([len(r) - 1 for r in rows], device=dev)
+            h = model(ids, hidden_only=True)                                           # (b, T, H)
+            out[torch.tensor(idx, device=dev)] = F.normalize(h[torch.arange(len(idx), device=dev), last].float(),
+                                                             dim=-1)
+            i = j
+    return out

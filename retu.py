@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import curate
 import data as D
 import fit
 import losses
@@ -613,6 +614,9 @@ def run_fit(cfg: FitConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["data"]:                        # the data curation commands live in curate.py
+        return curate.main(argv[1:])
     cmd, cfg = parse_args(argv)
     runners = {"sft": run_sft, "rl": rl.run_rl, "eval": run_eval, "fit": run_fit}
     try:
