@@ -17,14 +17,15 @@ separators , ; and or, then \\cup / \\cap, relations, + -, * / and juxtaposition
 Conventions: e is Euler's number, i the imaginary unit, \\log the natural log, \\sin 2x is sin(2x),
 \\sqrt[3]{-8} = -2, 2\\frac12 = 5/2, \\pm expands to a set.
 Known limits: inequalities beyond linear and quadratic ones stay relations (as_realset gives None); ratios "3:4"
-do not parse (ParseError; the verifier fails closed).
+do not parse (ParseError; the verifier fails closed unless the texts are identical).
 
 Security: the text is untrusted. Nothing here calls eval, exec, sympify or parse_expr: sympy objects are built
-from tokens. Every expensive construction is bounded by VerifyConfig before sympy sees it (answer length,
-nesting depth, integer bits, exponent, root and factorial sizes, function argument magnitudes, items, union
-pieces), constants are sized with mathvalue's evaluator rather than sympy's evalf, and the tokenizer and parser
-check the per-call deadline. A bound hit, or a sympy error on hostile input, raises ParseError. VerifyConfig
-lives here, below verify.py, because most of its bounds are enforced here.
+from tokens. Every expensive construction is bounded before sympy sees it, by VerifyConfig (answer length,
+nesting depth, integer bits, exponent, factorial size, function argument magnitudes, items) and by fixed caps
+(400-digit numerals, root index 1000, 16 union pieces, 3 \\pm signs); constants are sized with mathvalue's
+evaluator rather than sympy's evalf, and the tokenizer and parser check the per-call deadline. A bound hit, or a
+sympy error on hostile input, raises ParseError. VerifyConfig lives here, below verify.py, because most of its
+bounds are enforced here.
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ quadratics with small rational coefficients by sympy (higher degrees are left ou
 
 Numbers come from our own walker over the sympy tree on mpmath, never from sympy's evalf: evalf ran for minutes
 on constants that fuzzing found (gamma(2^12345)), and evalf with chop is why Math-Verify equates 1/2004! and
-1/2006!. Every exponent and function argument is magnitude-checked (below about 1e6) before mpmath sees it; a
-value that fails a check, or a function we do not know, is inconclusive: None, and the caller fails closed.
+1/2006!. Every exponent and every function argument except log's is magnitude-checked (below about 1e6) before
+mpmath sees it; a value that fails a check, or a function we do not know, is inconclusive: None, and the caller
+fails closed.
 """
 from __future__ import annotations
 

@@ -28,8 +28,9 @@ The grading policy is ../shared/reference/verifier.md. How we implement it, and 
      match up to a nonzero factor, inequalities up to a positive one. "50%" reads as 50 or 0.5 (two percents
      compare like with like); a bare number is never rescaled.
 Known limits: inequalities beyond linear and quadratic ones are compared as relations, not solution sets;
-ratios "3:4" do not parse (both fail closed, to 0.0); two distinct exact values closer than 1e-92 relative
-(without an exact rational difference) compare equal; sets of dozens of symbolic elements may run out of budget.
+ratios "3:4" do not parse (both fail closed, to 0.0, unless written exactly as the gold); two distinct exact
+values closer than 1e-92 relative (without an exact rational difference) compare equal; sets of dozens of
+symbolic elements may run out of budget.
 
 Security: the completion is untrusted. Nothing in the three modules calls eval, exec, sympify or parse_expr:
 sympy objects are built by the parser from tokens, and numbers are evaluated by our own magnitude-checked mpmath
