@@ -65,7 +65,6 @@ from scipy.special import expit
 # Deduplicated benchmark sizes of the paper (Sec. 5.1); "overall" is the problem-weighted mean (2157 problems).
 PAPER_BENCH_SIZES = {"gsm8k": 1317, "olympiad_bench": 291, "math": 237, "minerva": 262, "aime": 25, "aime25": 25}
 SUBPHASES = ("adaptive", "stable", "mild", "severe")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "retu"
 
 
 @dataclass
@@ -73,6 +72,8 @@ class FitConfig:
     outlier_threshold: float | None = None  # tau of stage 1; None disables stage 1
     lts_alpha: float | None = None  # alpha of stage 2 (LTS); None disables it
     lts_starts: int = 0  # extra random h-subset starts for LTS (FAST-LTS style) besides the stage-1 fit
+    lts_guess_start: bool = False  # also start the C-steps from the initial-guess curve (the authors' fitter)
+    lts_select: str = "trimmed"  # among the C-step fixed points: "trimmed" (Eq. 30) or "val" (the authors' fitter)
     free_start: bool = False  # fit P_start too (the paper's epsilon) instead of fixing it
     b_bounds: tuple[float, float] = (0.05, 50.0)  # steepness B
     c_span: float = 100.0  # C_mid may range over [min x>0 / 10, max x * c_span]
@@ -220,17 +221,30 @@ def zscore_reject(x, y, p_start: float, cfg: FitConfig, box: _Box):
     return keep, th
 
 
-def lts_fit(x, y, p_start: float, cfg: FitConfig, box: _Box, start: tuple):
-    """Stage 2 (Eq. 30): LTS by C-steps from `start` and from random h-subsets; returns (subset mask, fit)."""
+def lts_fit(x, y, p_start: float, cfg: FitConfig, box: _Box, start: tuple, x_val=None, y_val=None):
+    """Stage 2 (Eq. 30): LTS by C-steps from several starts; returns (subset mask, fit).
+
+    Starts: the stage-1 fit `start`; with cfg.lts_guess_start the initial-guess curve (P_start, A = max y,
+    C_mid = median x > 0, B = 1; the start values of the authors' curve_fit); cfg.lts_starts random h-subsets. Each
+    start runs C-steps to a fixed point. cfg.lts_select picks among the fixed points: "trimmed", the lowest trimmed
+    sum of squares (Eq. 30), or "val", the lowest RMSE on (x_val, y_val) -- what the authors' fitter did (see the
+    module docstring); without validation points "val" falls back to "trimmed".
+    """
+    if cfg.lts_select not in ("trimmed", "val"):
+        raise ValueError(f"FitConfig.lts_select={cfg.lts_select!r} must be 'trimmed' or 'val'")
     n = len(x)
     h = int(math.floor(n * cfg.lts_alpha))
     if h < 4:
         raise ValueError(f"LTS: h = floor({n} * {cfg.lts_alpha}) = {h} points, need at least 4")
     rng = np.random.default_rng(cfg.seed)
     starts = [start]
+    if cfg.lts_guess_start:
+        s0 = p_start if not cfg.free_start else float(y.min())
+        starts.append((s0, max(float(y.max()), s0), math.log(float(np.median(x[x > 0]))), 0.0))
     for _ in range(cfg.lts_starts):
         sub = np.sort(rng.choice(n, size=h, replace=False))
         starts.append(_lsq(x[sub], y[sub], p_start, cfg, box))
+    by_val = cfg.lts_select == "val" and x_val is not None and len(x_val) > 0
     best = None
     for th in starts:
         subset = None
@@ -240,9 +254,12 @@ def lts_fit(x, y, p_start: float, cfg: FitConfig, box: _Box, start: tuple):
                 break
             subset = new
             th = _lsq(x[subset], y[subset], p_start, cfg, box, init=th[:4])
-        objective = float(np.sort(_resid(x, y, th) ** 2)[:h].sum())
-        if best is None or objective < best[0] - 1e-12:
-            best = (objective, subset, th)
+        if by_val:
+            crit = float(np.mean(_resid(x_val, y_val, th) ** 2))
+        else:
+            crit = float(np.sort(_resid(x, y, th) ** 2)[:h].sum())
+        if best is None or crit < best[0] - 1e-12:
+            best = (crit, subset, th)
     mask = np.zeros(n, dtype=bool)
     mask[best[1]] = True
     return mask, best[2]
@@ -305,7 +322,7 @@ def fit_curve(
     keep, th = zscore_reject(xt, yt, p_start, cfg, box)  # stage 1
     used = keep.copy()
     if cfg.lts_alpha is not None:  # stage 2 on the stage-1 inliers
-        subset, th = lts_fit(xt[keep], yt[keep], p_start, cfg, box, th)
+        subset, th = lts_fit(xt[keep], yt[keep], p_start, cfg, box, th, x[val_mask], y[val_mask])
         used[np.flatnonzero(keep)[~subset]] = False
     s, a, lc, lb = th[:4]
 
@@ -596,124 +613,16 @@ def format_report(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the authors' data (../shared/data/retu/) and Table 4
+# JSON input
 
 
-def _load_json(path: Path):
+def load_json(path: Path):
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (the authors' data lives in ../shared/data/retu/)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-
-
-def load_table4_curves(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[dict]:
-    """The 33 distinct RL curves behind Table 4, built as the data README describes.
-
-    Each curve: x = RL EFLOPs with the SFT checkpoint as (0, P_sft), y = round(overall, 2) (absolute score, the
-    released code's rounding), P_sft, the index split of its fitting script, and the v2 settings (tau, LTS alpha,
-    free start iff the paper's epsilon is nonzero), with the paper's (v2) and the released code's numbers.
-    """
-    d = Path(data_dir)
-    sft = _load_json(d / "sft_curves.json")
-    rl = _load_json(d / "rl_branches.json")
-    hp = _load_json(d / "fit_hparams.json")
-    released = _load_json(d / "released_fit_outputs.json")
-    curves = []
-    for i, rel in enumerate(released):
-        scene = "general" if rel["scene"] == "base" else rel["scene"]
-        step = str(rel["sft_step"])
-        where = f"{d / 'released_fit_outputs.json'}[{i}] ({rel['scene']}/{step})"
-        try:
-            h = hp[scene][step]
-            branch = rl[scene][step]
-            v2 = rel["table4_v2"]
-        except KeyError as e:
-            raise KeyError(f"{where}: missing key {e} in fit_hparams.json / rl_branches.json / table4_v2") from None
-        near = [p for p in sft[h["sft_cache_scene"]] if abs(p["eflops"] - h["branch_sft_eflops"]) <= 0.2]
-        if len(near) != 1:
-            raise ValueError(f"{where}: {len(near)} SFT points within 0.2 EFLOPs of {h['branch_sft_eflops']}")
-        p_sft = round(score(near[0]["scores"], where=where), 2)
-        x = [0.0] + [float(e["eflops"]) for e in branch]
-        y = [p_sft] + [round(score(e["scores"], where=f"{where} RL point {j}"), 2) for j, e in enumerate(branch)]
-        curves.append({
-            "scene": rel["scene"], "paper_name": rel["paper_name"], "sft_step": int(step),
-            "sft_eflops": h["branch_sft_eflops"], "P_sft": p_sft, "x": x, "y": y,
-            "train": tuple(h["train_range_requested"]), "val": tuple(h["val_range_requested"]),
-            "outlier_threshold": v2["outlier_threshold"], "lts_alpha": v2["lts_alpha"] if v2["use_lts"] else None,
-            "free_start": bool(v2["epsilon"]),
-            "paper": {"P_sft": v2["P_sft"], "PL_rl": v2["PL_rl"], "C_mid": v2["C_mid"], "B": v2["B"],
-                      "A_post": v2["A_post_printed"], "epsilon": v2["epsilon"]},
-            "released": {"P_sft": rel["P_sft"], "PL_rl": rel["PL_rl"], "C_mid": rel["C_mid"], "B": rel["B"],
-                         "A_post": rel["A_post"], "bound_hit": rel["bound_hit"]},
-        })
-    return curves
-
-
-def reproduce_table4(data_dir: str | Path = DEFAULT_DATA_DIR, *, tol: float = 0.3, n_boot: int = 0,
-                     config: FitConfig | None = None) -> dict:
-    """Fit all 33 curves with the paper's per-curve settings and compare A_post with the paper's v2 Table 4.
-
-    Returns {"rows": [...], "n": 33, "n_within": ours within `tol`, "n_within_released": the released code's,
-    "n_not_identifiable": ..., "n_paper_in_ci": paper's A_post inside our CI (only with n_boot > 0)}.
-    """
-    rows = []
-    for c in load_table4_curves(data_dir):
-        res = fit_curve(c["x"], c["y"], p_start=c["P_sft"], free_start=c["free_start"], train=c["train"],
-                        val=c["val"], outlier_threshold=c["outlier_threshold"], lts_alpha=c["lts_alpha"],
-                        config=config)
-        row = {k: c[k] for k in ("scene", "paper_name", "sft_step", "sft_eflops", "P_sft", "paper", "released")}
-        row.update(PL_rl=res.A - c["P_sft"], A_post=res.A, C_mid=res.C_mid, B=res.B, epsilon=res.P_start - c["P_sft"],
-                   status=res.status, reason=res.reason, r2_train=res.r2_train, rmse_val=res.rmse_val,
-                   n_outliers=res.n_outliers, n_trimmed=res.n_trimmed, x=c["x"], y=c["y"],
-                   inliers=res.inliers.tolist(), train=res.train.tolist())
-        row["within"] = res.status == "ok" and abs(res.A - c["paper"]["A_post"]) <= tol
-        row["released_within"] = abs(c["released"]["A_post"] - c["paper"]["A_post"]) <= tol
-        if n_boot > 0:
-            bs = bootstrap_ceiling(c["x"], c["y"], res, n_boot=n_boot, seed=0)
-            row["A_ci"] = bs["A_ci"]
-            row["paper_in_ci"] = res.status == "ok" and bs["A_ci"][0] <= c["paper"]["A_post"] <= bs["A_ci"][1]
-        rows.append(row)
-    out = {"rows": rows, "n": len(rows), "tol": tol, "n_within": sum(r["within"] for r in rows),
-           "n_within_released": sum(r["released_within"] for r in rows),
-           "n_not_identifiable": sum(r["status"] != "ok" for r in rows)}
-    if n_boot > 0:
-        out["n_paper_in_ci"] = sum(r["paper_in_ci"] for r in rows)
-    return out
-
-
-def table4_scene_reports(t4: dict, data_dir: str | Path = DEFAULT_DATA_DIR) -> list[dict]:
-    """Per SFT data set, a report shaped like `analyze`'s (for the plots): its RL branches plus the pure-RL branch
-    from the base model at SFT compute 0, and its SFT curve. The authors' data carry no validation loss, so there
-    are no sub-phases."""
-    sft = _load_json(Path(data_dir) / "sft_curves.json")
-    base = [r for r in t4["rows"] if r["scene"] == "base"]
-    reports = []
-    for scene in dict.fromkeys(r["scene"] for r in t4["rows"] if r["scene"] != "base"):
-        rows = base + [r for r in t4["rows"] if r["scene"] == scene]
-        pts = [{"step": p["sft_step"], "eflops": p["eflops"], "score": round(score(p["scores"]), 2), "subphase": None}
-               for p in sft[scene]]
-        reports.append({"name": rows[-1]["paper_name"], "metric": "overall", "rows": rows, "sft": pts})
-    return reports
-
-
-def format_table4(t4: dict) -> str:
-    """Markdown: retu's fit beside the paper's (v2) and the released code's, per curve."""
-    out = ["| data | step | P_sft | PL_rl | C_mid | B | A_post | paper A_post (PL, C, B) | released A_post | "
-           "within 0.3 | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in t4["rows"]:
-        p, q = r["paper"], r["released"]
-        ci = f" [{r['A_ci'][0]:.1f}, {r['A_ci'][1]:.1f}]" if "A_ci" in r else ""
-        out.append(f"| {r['paper_name']} | {r['sft_step']} | {r['P_sft']:.2f} | {r['PL_rl']:.2f} | {r['C_mid']:.1f} | "
-                   f"{r['B']:.2f} | {r['A_post']:.2f}{ci} | {p['A_post']:.1f} ({p['PL_rl']}, {p['C_mid']}, {p['B']}) | "
-                   f"{q['A_post']:.2f}{' (bound)' if q['bound_hit'] else ''} | "
-                   f"{'yes' if r['within'] else 'no'} | {r['status']}{': ' + r['reason'] if r['reason'] else ''} |")
-    out += ["", f"Within {t4['tol']} points of the paper's A_post: retu {t4['n_within']}/{t4['n']}, released code "
-                f"{t4['n_within_released']}/{t4['n']}; flagged not identifiable: {t4['n_not_identifiable']}."]
-    if "n_paper_in_ci" in t4:
-        out.append(f"Paper's A_post inside retu's 95% bootstrap CI: {t4['n_paper_in_ci']}/{t4['n']}.")
-    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -798,14 +707,14 @@ def plot_branches(report: dict, path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# command line: `python fit.py table4` and `python fit.py run INPUT.json`
+# command line: `python fit.py run INPUT.json ...` (Table 4 of the paper: `python fit_table4.py`)
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return None if math.isnan(obj) else float(obj)
     if isinstance(obj, np.integer):
@@ -816,11 +725,6 @@ def _jsonable(obj):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t4 = sub.add_parser("table4", help="reproduce the paper's Table 4 from the authors' data")
-    t4.add_argument("--data", default=str(DEFAULT_DATA_DIR))
-    t4.add_argument("--boot", type=int, default=0, help="bootstrap replicates per curve (0: no CIs)")
-    t4.add_argument("--json", help="also write the rows as JSON here")
-    t4.add_argument("--plots", help="write Figure 3 / Figure 5 style plots per SFT data set into this directory")
     run = sub.add_parser("run", help='analyse JSON files {"name", "sft_points", "rl_branches", ...}, one per SFT '
                          "data set; with three or more, also the min-val-loss vs ceiling correlation")
     run.add_argument("inputs", nargs="+")
@@ -830,22 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
 
-    if args.cmd == "table4":
-        res = reproduce_table4(args.data, n_boot=args.boot)
-        print(format_table4(res), end="")
-        if args.json:
-            Path(args.json).write_text(json.dumps(_jsonable(res), indent=1))
-        if args.plots:
-            Path(args.plots).mkdir(parents=True, exist_ok=True)
-            for rep in table4_scene_reports(res, args.data):
-                plot_decomposition(rep, Path(args.plots) / f"{rep['name']}_ceiling.png")
-                plot_branches(rep, Path(args.plots) / f"{rep['name']}_branches.png")
-        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for path in args.inputs:
-        spec = _load_json(Path(path))
+        spec = load_json(Path(path))
         for key in ("sft_points", "rl_branches"):
             if key not in spec:
                 raise KeyError(f"{path}: missing top-level key {key!r}")
@@ -854,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
                          n_boot=args.boot, name=spec.get("name", Path(path).stem))
         name = report["name"]
         (out / f"{name}.md").write_text(format_report(report))
-        (out / f"{name}.json").write_text(json.dumps(_jsonable(report), indent=1))
+        (out / f"{name}.json").write_text(json.dumps(jsonable(report), indent=1))
         if not args.no_plots:
             plot_decomposition(report, out / f"{name}_ceiling.png")
             plot_branches(report, out / f"{name}_branches.png")

@@ -598,7 +598,7 @@ def run_fit(cfg: FitConfig) -> dict:
     with open(os.path.join(out, "input.json"), "w") as f:
         json.dump(spec, f, indent=1)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(fit._jsonable(report), f, indent=1)
+        json.dump(fit.jsonable(report), f, indent=1)
     text = fit.format_report(report)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

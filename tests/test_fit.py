@@ -1,4 +1,5 @@
-"""Tests of fit.py: Eq. 11, the two robust stages, identifiability, bootstrap, sub-phases, decomposition, Table 4."""
+"""Tests of fit.py and fit_table4.py: Eq. 11, the robust stages, identifiability, bootstrap, sub-phases,
+decomposition, Table 4."""
 
 import itertools
 import json
@@ -10,6 +11,7 @@ import pytest
 from scipy.optimize import least_squares
 
 import fit
+import fit_table4
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retu"
 
@@ -209,23 +211,39 @@ def test_overall_is_problem_weighted():
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/retu")
 def test_table4_reproduction_beats_released_code():
-    t4 = fit.reproduce_table4(DATA)
+    t4 = fit_table4.reproduce_table4(DATA)  # the authors' scripts' settings, their LTS selection (fit_table4 doc)
     assert t4["n"] == 33 and t4["n_within_released"] == 15
-    # measured: 21 of 33 within 0.3 points of the paper's v2 A_post (released code: 15); must not regress
-    assert t4["n_within"] >= 21
+    # measured: 26 of 33 within 0.3 points of the paper's v2 A_post (released code: 15); must not regress
+    assert t4["n_within"] >= 26
+    assert t4["seconds"] < 10.0  # all 33 fits, no bootstrap
     rows = {(r["scene"], r["sft_step"]): r for r in t4["rows"]}
-    # the four curves the released code runs to its bound A = 100 (gain axis) are flagged, not read as ceilings
-    for key in (("easy102K", 720), ("easy102K", 1080), ("easy102K", 1800), ("hard102K", 1800)):
-        assert rows[key]["status"] == "not identifiable"
-    assert t4["n_not_identifiable"] == 5
-    # s1K step 62 collapses at the end of its run; the released code fits A_post = 168.56 (bound), retu 77.3
+    # 6 of the 7 misses: the paper's A_post is the internal fitter's cap P_sft + 1.5 x max gain, to print precision
+    capped = {("general", 360), ("easy102K", 720), ("easy102K", 1080), ("easy102K", 1800), ("hard102K", 1800),
+              ("uniform102K", 1800)}
+    assert {k for k, r in rows.items() if r["paper_at_cap"]} == capped
+    assert {k for k, r in rows.items() if not r["within"]} == capped | {("general", 7200)}
+    # their least-squares optimum lies beyond the cap: 5 run off to the C_mid bound and are flagged, not reported
+    assert {k for k, r in rows.items() if r["status"] != "ok"} == capped - {("general", 360)}
+    assert rows[("general", 360)]["A_post"] == pytest.approx(84.52, abs=0.01)  # interior optimum, above the cap
+    # s1K step 62 collapses at the end of its run; the released code fits A_post = 168.56 (bound), retu 77.1
     assert rows[("s1K", 62)]["status"] == "ok" and abs(rows[("s1K", 62)]["A_post"] - 77.3) < 0.3
     for r in t4["rows"]:
         assert abs(r["P_sft"] - r["paper"]["P_sft"]) <= 0.05 + 1e-9  # our overall score matches the paper's P_sft
         if r["status"] == "ok":  # no accepted fit sits on a bound or has its midpoint beyond the data (< 255 EFLOPs)
             assert 0.05 < r["B"] < 50 and r["C_mid"] < 255 and r["PL_rl"] > 0
-    md = fit.format_table4(t4)
+    md = fit_table4.format_table4(t4)
     assert md.count("\n| ") == 33 and f"retu {t4['n_within']}/33, released code 15/33" in md
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/retu")
+def test_table4_with_v2_settings_and_paper_lts(tmp_path, capsys):
+    # the paper's Eq. 30 (one C-step chain from the stage-1 fit) with the settings the v2 table prints: 21 of 33
+    assert fit_table4.main(["--settings", "v2", "--method", "paper", "--json", str(tmp_path / "t4.json")]) == 0
+    t4 = json.loads((tmp_path / "t4.json").read_text())
+    assert t4["n_within"] >= 21 and t4["settings"] == "v2" and len(t4["rows"]) == 33
+    assert "Settings v2, method paper: within 0.3 points" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="settings"):
+        fit_table4.load_table4_curves(DATA, settings="v3")
 
 
 def test_cli_run_and_short_branch(tmp_path, capsys):
@@ -258,24 +276,28 @@ def test_cli_run_and_short_branch(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/retu")
-def test_paper_table4_gaps_are_not_fitting_failures():
-    # SFT889K step 720 (tau 3, LTS alpha 0.75, train points 0..17, h = floor(18 * 0.75) = 13): the paper's printed
-    # fit (PL 8.8, C_mid 8, B 1.0) has a trimmed sum of squares of 2.41; retu's C-step fit reaches 1.58, which an
-    # exhaustive search over all 13-point subsets (done offline: 6188 subsets containing the x = 0 point) confirms
-    # as the LTS optimum. So no correct LTS can reproduce this row of Table 4.
-    c = next(c for c in fit.load_table4_curves(DATA) if c["scene"] == "general" and c["sft_step"] == 720)
-    x, y = np.array(c["x"][:18]), np.array(c["y"][:18])
-    r = fit.fit_curve(c["x"], c["y"], p_start=c["P_sft"], train=c["train"], val=c["val"], outlier_threshold=3.0,
-                      lts_alpha=0.75)
-    p = c["paper"]
-    paper = np.sort((y - fit.sigmoid_power_law(x, c["P_sft"], c["P_sft"] + p["PL_rl"], p["C_mid"], p["B"])) ** 2)
-    ours = np.sort((y - r.predict(x)) ** 2)
-    assert paper[:13].sum() == pytest.approx(2.409, abs=2e-3)
-    assert ours[:13].sum() == pytest.approx(1.583, abs=2e-3)
-    # SFT889K step 360 (no outliers, no LTS): the valley is so flat that forcing A_post to the paper's 82.5 and
-    # refitting C_mid and B costs only 0.6% of the residual sum of squares of retu's A_post = 84.5
-    c = next(c for c in fit.load_table4_curves(DATA) if c["scene"] == "general" and c["sft_step"] == 360)
+def test_paper_table4_lts_picks_by_validation_error():
+    # SFT889K step 720 (tau 3, LTS alpha 0.75, train points 0..17, h = floor(18 * 0.75) = 13). Eq. 30's optimum
+    # (retu's default; confirmed offline by all 6188 13-point subsets holding x = 0) has trimmed sum of squares 1.58
+    # and A_post 79.58. The paper's 80.7 is another C-step fixed point, reached from the initial-guess curve, with
+    # trimmed SS 2.36 but lower validation RMSE (0.608 against 0.664): the authors' fitter picked by validation error.
+    c = next(c for c in fit_table4.load_table4_curves(DATA) if c["scene"] == "general" and c["sft_step"] == 720)
+    x, y = np.array(c["x"]), np.array(c["y"])
+    kw = dict(p_start=c["P_sft"], train=c["train"], val=c["val"], outlier_threshold=3.0, lts_alpha=0.75)
+    eq30 = fit.fit_curve(x, y, **kw)
+    authors = fit.fit_curve(x, y, **kw, config=fit.FitConfig(lts_guess_start=True, lts_select="val"))
+    trimmed = [np.sort((y[:18] - r.predict(x[:18])) ** 2)[:13].sum() for r in (eq30, authors)]
+    assert trimmed == pytest.approx([1.583, 2.362], abs=2e-3)
+    assert eq30.A == pytest.approx(79.58, abs=0.01) and authors.A == pytest.approx(80.69, abs=0.01)
+    assert authors.rmse_val == pytest.approx(0.608, abs=1e-3) and eq30.rmse_val == pytest.approx(0.664, abs=1e-3)
+    with pytest.raises(ValueError, match="lts_select"):
+        fit.fit_curve(x, y, **kw, config=fit.FitConfig(lts_select="best"))
+    # SFT889K step 360 (no outliers, no LTS): the paper's 82.5 is the cap 69.15 + 1.5 x 8.93 (largest gain); the
+    # least-squares optimum is 84.52, and the valley is so flat that forcing A_post to 82.5 and refitting C_mid and
+    # B costs only 0.6% of the residual sum of squares
+    c = next(c for c in fit_table4.load_table4_curves(DATA) if c["scene"] == "general" and c["sft_step"] == 360)
     x, y, p_sft = np.array(c["x"][:15]), np.array(c["y"][:15]), c["P_sft"]
+    assert p_sft + 1.5 * (y.max() - p_sft) == pytest.approx(82.545, abs=1e-9)
     r = fit.fit_curve(c["x"], c["y"], p_start=p_sft, train=c["train"], val=c["val"], outlier_threshold=2.5)
     best = float(((y - r.predict(x)) ** 2).sum())
     forced = least_squares(lambda t: fit.sigmoid_power_law(x, p_sft, 82.5, math.exp(t[0]), math.exp(t[1])) - y,
