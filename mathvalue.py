@@ -1,11 +1,11 @@
 """mathvalue.py: the typed values that mathparse.py builds and verify.py compares, and how to read them as
 numbers and as sets of reals -- all under a per-call deadline.
 
-    Num(sp.Rational(5, 2), dec=(3, 2))        # "2.50": the value, plus the precision a decimal was written with
-    as_realset(<Rel x^2 < 4>)                 # -> Interval.open(-2, 2); None for what is not a set of reals
-    mp_number(sp.sqrt(2) / 3, 30)             # -> mpf('0.4714...'); None when it cannot be evaluated safely
-    probe_value(x**2 + 1, {x: ctx.mpf(2)}, ctx)   # value at a point (ctx = mp_ctx(30)), for equality probes
-    LOCAL.deadline = time.perf_counter() + 1.0     # verify.grade sets it; tick() raises Timeout once it passes
+    Num(sp.Rational(5, 2), dec=(3, 2))              # "2.50": the value and the precision it was written with
+    as_realset(mathparse.parse_value("x^2 < 4"))    # -> Interval.open(-2, 2); None for what is not a set of reals
+    mp_number(sp.sqrt(2) / 3, 30)                   # -> mpf('0.4714...'); None when it cannot be evaluated safely
+    probe_value(x**2 + 1, {x: ctx.mpf(2)}, ctx)     # -> mpf('5.0') (ctx = mp_ctx(30)), for equality probes
+    LOCAL.deadline = time.perf_counter() + 1.0      # verify.grade sets it; tick() raises Timeout once it passes
 
 The deadline is thread-local and cooperative: the tokenizer, the parser, the evaluator below and the comparisons
 call tick(), so it works in any thread (signal.alarm works only on the main one); verify.py adds the hard limits.
@@ -99,9 +99,6 @@ class Seq:                                 # bracketed comma list before we know
     items: list
 
 
-# --------------------------------------------------------------------------------------------------------
-# Values as sets of reals
-
 def finish(v):
     """Turn parser intermediates into final typed values."""
     if isinstance(v, sp.Expr):
@@ -124,6 +121,9 @@ def _interval(items, left_open: bool, right_open: bool) -> sp.Set | None:
     except (TypeError, ValueError):
         return None
 
+
+# --------------------------------------------------------------------------------------------------------
+# Values as sets of reals
 
 FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "=": "=", "!=": "!="}
 
