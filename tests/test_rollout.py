@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rollout
 from model import ModelConfig, Transformer
 from rollout import generate, sample
 
@@ -45,8 +46,10 @@ def full_forward_logprobs(model, prompt, completion, temperature):
 # Greedy == naive loop
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-cpu-decode", "model-forward"])
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"])
-def test_greedy_matches_naive_loop_with_refills(arch):
+def test_greedy_matches_naive_loop_with_refills(arch, fast, monkeypatch):
+    monkeypatch.setattr(rollout, "FAST_CPU_DECODE", fast)  # both CPU decode paths (CUDA/FSDP use model-forward)
     model = tiny_model(arch)
     stats = {}
     outs = generate(model, PROMPTS, n=3, max_new_tokens=9, temperature=0, max_batch=4, stats=stats)
@@ -126,6 +129,24 @@ def test_logprobs_match_full_forward(temperature):
         logp, _ = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature)
     P = len(PROMPTS[o.prompt_index])
     torch.testing.assert_close(logp[0, P - 1:], torch.tensor(o.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch,kw", [("Qwen2ForCausalLM", {}), ("Qwen3ForCausalLM", dict(attention_bias=True)),
+                                     ("LlamaForCausalLM", dict(attention_bias=True))])
+def test_fast_cpu_decode_logprobs_match_full_forward_per_architecture(arch, kw, monkeypatch):
+    """rollout.FastDecoder re-implements the decode step with regrouped weights: q/k/v and o biases (Qwen2 has
+    no o bias, Llama with attention_bias has one), Qwen3's per-head q/k norms, Llama-3 RoPE scaling. Its
+    log-probs must be the model's, and the model-forward path must give the same tokens."""
+    model = tiny_model(arch, **kw)
+    outs = generate(model, PROMPTS, n=2, max_new_tokens=10, temperature=1.0, seed=5, max_batch=3)
+    for o in outs:
+        want = full_forward_logprobs(model, PROMPTS[o.prompt_index], o.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(o.logprobs, dtype=torch.float64), want, atol=1e-5, rtol=0)
+    monkeypatch.setattr(rollout, "FAST_CPU_DECODE", False)
+    slow = generate(model, PROMPTS, n=2, max_new_tokens=10, temperature=1.0, seed=5, max_batch=3)
+    assert [o.token_ids for o in slow] == [o.token_ids for o in outs]
+    torch.testing.assert_close(torch.tensor([o.logprobs for o in slow]), torch.tensor([o.logprobs for o in outs]),
+                               atol=1e-5, rtol=0)
 
 
 def test_greedy_logprobs_are_untempered():
@@ -304,6 +325,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import rollout
 from model import ModelConfig, Transformer
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[1])
+rollout.FAST_CPU_DECODE = False  # FSDP models decode through model.forward: give the plain model that path too
 prompts = [[5, 6, 7], [9] * 11, [3]]
 for param_dtype in (None, torch.bfloat16):
     torch.manual_seed(0)
