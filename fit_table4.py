@@ -5,38 +5,27 @@ the 33 distinct RL curves in ../shared/data/retu/ (read its README) and prints r
 A_post beside the paper's (arXiv v2) and the authors' released code's, and how many land within 0.3 points of the
 paper's A_post.
 
-How the paper's numbers were produced. The authors' repository (LINs-lab/RETU) holds, besides the released fitter,
-the logs of their *internal* fitter (analysis/flops_estimate_kit/fit_result/run_all.log): for every curve the
-fitted equation, train R^2, AIC and BIC. Its A values equal the paper's v2 A_post on all 33 curves, so the paper
-is that fitter's output. Checked one hypothesis at a time against all 33 curves (counts with retu's fitter):
-  * x, y, P_start: x = RL EFLOPs since the branch point, y = round(problem-weighted overall %, 2), P_start fixed to
-    P_sft (the SFT checkpoint as the point x = 0); "epsilon" in the v2 table is the fitted start offset
-    P_start - P_sft of the three free-start curves (s1K 62: 4.40, s1K 310: 1.53, Uniform102K 1080: 1.46 in the
-    log), whose training ranges skip the first points. Steps instead of EFLOPs or fractions instead of percent
-    change C_mid or the scale, not A_post; no alternative unit fits better.
-  * Train/validation split: by index, the ranges of each released script; reported A from the train-only fit
-    (the log's train R^2 and AIC/BIC match the final fit set, not a refit on all points).
-  * Stage 1: the log's R^2/AIC match one z-score pass of M = 0.6745 (r - median r)/MAD with |M| <= tau on every
-    curve fitted without LTS; neither |r|, r^2 nor dropping the 0.6745 helps (the last: 16/33).
-  * Loss, bounds, parameterisation: given the authors' final point set, plain least squares (linear loss, any
-    parameterisation) gives the logged A on 27 curves. On the other 6 the log's A equals P_sft + 1.5 x the largest
-    observed gain of the fit set (ratios 1.4972-1.4994 with its rounding): the internal fitter caps the ceiling at
-    1.5 x max gain and these fits end on that cap (SFT889K 360; Easy102K 720, 1080, 1800; Hard102K 1800;
-    Uniform102K 1800). Their least-squares optimum lies beyond it (most at C_mid -> infinity), so retu, which
-    reports no fit on a bound, flags five as not identifiable; SFT889K 360 has an interior optimum at 84.5.
-  * LTS: C-steps from the stage-1 fit alone reproduce 21 curves with the v2 settings (the default
-    `FitConfig`, the paper's Eq. 30). The logged LTS fits are C-step fixed points, but often not the lowest trimmed
-    sum of squares (SFT889K 720: 2.36 against 1.58). On every robust curve where two starts -- the stage-1 fit and
-    the initial-guess curve (A = max y, C_mid = median x, B = 1: curve_fit's start values in the released code) --
-    reach different fixed points, the log holds the one with the lower validation RMSE: the internal fitter selects
-    by validation error (its config carries metric "val_rmse"). `FitConfig(lts_guess_start=True,
-    lts_select="val")` is that choice ("authors" below); it is applied uniformly to all curves.
-  * Settings: the v2 table's tau / LTS columns differ from what the authors' scripts ran (and logged) on 6 curves
-    (SFT889K 1440 alpha; 14080 no LTS; Hard102K 1080 tau; Uniform102K 720 tau, 1800 no LTS; s1K 62 with LTS).
+How the paper's numbers were produced (details and every hypothesis tested: docs/fit_table4.md). The authors'
+repository (LINs-lab/RETU) keeps the logs of their *internal* fitter (analysis/flops_estimate_kit/fit_result/
+run_all.log): per curve the fitted equation, train R^2 and validation RMSE. Its A values equal the paper's v2 A_post
+on all 33 curves, so the paper is that fitter's output, and:
+  * x = RL EFLOPs since the branch point, y = round(overall %, 2), P_start fixed to P_sft (the SFT checkpoint is the
+    point x = 0); the v2 "epsilon" is the fitted start offset P_start - P_sft of the three free-start curves.
+  * Stage 1 is the paper's modified z-score; the reported fit is the one on the training range.
+  * LTS: the logged fits are C-step fixed points, often not Eq. 30's optimum (SFT889K 720: trimmed sum of squares
+    2.36 against 1.58). Started from the stage-1 fit and from the initial-guess curve (A = max y, C_mid = median x,
+    B = 1, curve_fit's start values in the released code), the fixed point with the lower validation RMSE is the
+    logged one wherever one of the two is. method "authors" = FitConfig(lts_guess_start=True, lts_select="val"),
+    applied to every curve; method "paper" = FitConfig() (Eq. 30 from the stage-1 fit).
+  * On 6 curves (SFT889K 360; Easy102K 720, 1080, 1800; Hard102K 1800; Uniform102K 1800) the paper's A_post is
+    P_sft + 1.5 x the largest gain of the fitted points: the internal fitter caps the ceiling there and these fits
+    end on the cap. retu reports no fit on a bound; five of them are flagged not identifiable (their least-squares
+    optimum runs to C_mid -> infinity), SFT889K 360 has an interior optimum at 84.5. Rows say `paper_at_cap`.
+  * Settings: the v2 table's tau / LTS columns differ on 6 curves from what the authors' scripts ran (and logged).
     settings="scripts" (fit_hparams.json, default) uses what was run, "v2" what the table prints.
-Counts within 0.3 points (status ok only): method "authors" + scripts: 26 of 33 (the 6 capped curves and SFT889K
-7200 miss); authors + v2: 23; "paper" (Eq. 30) + v2: 21; the released code: 15. SFT889K 7200 is the one curve
-unexplained: the log's fit uses 6 of the 13 training points, which no stage-1/LTS variant tried here selects.
+Counts within 0.3 points (status ok only): authors + scripts 26 of 33 (misses: the 6 capped curves and SFT889K
+7200, whose logged fit uses 6 of its 13 training points for no reason found); authors + v2 24; paper + v2 21;
+paper + scripts 20; the released code 15.
 """
 
 from __future__ import annotations
