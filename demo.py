@@ -484,9 +484,12 @@ BASELINE_ALGOS = ("grpo", "dapo", "luffy", "srft", "upt")    # from the base mod
 
 @dataclass
 class StudyConfig:
-    """Step counts and batch sizes of the toy study. Defaults are a first guess for 2 CPU cores and the
-    BaseModelConfig model; `quick()` runs every stage at its minimum size."""
+    """Step counts and batch sizes of the toy study, calibrated for 2 CPU cores and the BaseModelConfig model
+    (README "Demo" has the measured times); `quick()` runs every stage at its minimum size."""
     seed: int = 0
+    # no instruction after the prompt: the task's prompts already ask the question, and the 16 tokens of the paper's
+    # instruction would be a fifth of every sequence's compute at this scale
+    instruction: str = ""
     # SFT (one run per pool); validation loss and a checkpoint every `sft_ckpt_every` steps
     sft_pools: tuple[str, ...] = SFT_POOLS
     sft_steps: int = 400
@@ -494,30 +497,47 @@ class StudyConfig:
     sft_lr: float = 2e-3
     sft_warmup_ratio: float = 0.05
     sft_ckpt_every: int = 40
+    sft_log_every: int = 20
     max_seq_len: int = 256
     tokens_per_microbatch: int = 8192
-    # SFT -> DAPO_dc branches from one checkpoint per SFT sub-phase, for these pools
+    # SFT -> DAPO_dc branches: from the stable checkpoint of every pool in `branch_pools` (finding 3), and from one
+    # checkpoint per sub-phase of the pools in `phase_pools` (finding 2)
     branch_pools: tuple[str, ...] = SFT_POOLS
+    phase_pools: tuple[str, ...] = ("small",)
     branch_phases: tuple[str, ...] = BRANCH_PHASES
+    paradigm_pool: str = "large"                   # finding 1: its stable branch is "SFT-then-RL"
     # RL (branches and baselines)
     baseline_algos: tuple[str, ...] = BASELINE_ALGOS
     rl_steps: int = 30
     rl_prompts_per_step: int = 16
     rl_samples_per_prompt: int = 8
+    rl_max_rounds: int = 3                         # DAPO's dynamic sampling: generation rounds per step at most
     rl_lr: float = 2e-4
     rl_ckpt_every: int = 5                         # each RL checkpoint is one point of the branch's curve
     max_response_len: int = 128
     # evaluation of every checkpoint on the benchmark file of each of these levels (data/bench/level{k}.jsonl)
     bench_levels: tuple[int, ...] = (1, 2, 3)
-    eval_temperature: float = 0.7                  # the paper's pass@1 setting
+    eval_temperature: float = 0.0                  # greedy: checkpoints differ by what they learned, not by luck
     eval_samples_per_prompt: int = 1
     eval_max_new_tokens: int = 128
 
+    def __post_init__(self):
+        for name in ("branch_pools", "phase_pools"):
+            bad = [p for p in getattr(self, name) if p not in self.sft_pools]
+            if bad:
+                raise ValueError(f"StudyConfig.{name}: {bad} have no SFT run (sft_pools {self.sft_pools})")
+        if self.paradigm_pool not in self.branch_pools + self.phase_pools:
+            raise ValueError(f"StudyConfig.paradigm_pool {self.paradigm_pool!r} has no branches")
+
+    def phases(self, pool: str) -> tuple[str, ...]:
+        """The sub-phases whose checkpoint a pool's RL branches start from."""
+        return self.branch_phases if pool in self.phase_pools else ("stable",) if pool in self.branch_pools else ()
+
     @classmethod
     def quick(cls, seed: int = 0) -> StudyConfig:
-        return cls(seed=seed, sft_pools=("small", "uniform"), sft_steps=6, sft_sequences_per_step=8,
-                   sft_ckpt_every=2, branch_pools=("uniform",), rl_steps=2, rl_prompts_per_step=2,
-                   rl_samples_per_prompt=4, rl_ckpt_every=2, eval_max_new_tokens=96)
+        return cls(seed=seed, sft_steps=6, sft_sequences_per_step=8, sft_ckpt_every=2, sft_log_every=2,
+                   rl_steps=2, rl_prompts_per_step=2, rl_samples_per_prompt=4, rl_max_rounds=1, rl_ckpt_every=1,
+                   max_response_len=48, eval_max_new_tokens=48)
 
 
 def retu_cmd(sub: str, **flags) -> list[str]:
@@ -539,25 +559,29 @@ def sft_cmd(out: Path, cfg: StudyConfig, pool: str) -> list[str]:
                     run_dir=out / "runs" / f"sft_{pool}", seed=cfg.seed, device="cpu",
                     sequences_per_step=cfg.sft_sequences_per_step, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
                     warmup_ratio=cfg.sft_warmup_ratio, val_every=cfg.sft_ckpt_every, save_every=cfg.sft_ckpt_every,
-                    max_seq_len=cfg.max_seq_len, tokens_per_microbatch=cfg.tokens_per_microbatch, resume="auto")
+                    max_seq_len=cfg.max_seq_len, tokens_per_microbatch=cfg.tokens_per_microbatch, resume="auto",
+                    log_every=cfg.sft_log_every, instruction=cfg.instruction)
 
 
 def rl_cmd(out: Path, cfg: StudyConfig, algo: str, model_dir: Path, run_name: str) -> list[str]:
     """DAPO_dc (the paper's SFT-then-RL algorithm) for algo "dapo_dc"; the paper's Sec. 6.1 settings otherwise."""
     extra = {"eps_high": 0.28} if algo == "dapo_dc" else {}
+    if algo in ("dapo", "dapo_dc"):
+        extra["max_rounds"] = cfg.rl_max_rounds
     return retu_cmd("rl", algo="dapo" if algo == "dapo_dc" else algo, model=model_dir,
                     train=out / "data" / "rl.jsonl", run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu",
                     prompts_per_step=cfg.rl_prompts_per_step, samples_per_prompt=cfg.rl_samples_per_prompt,
                     steps=cfg.rl_steps, lr=cfg.rl_lr, save_every=cfg.rl_ckpt_every,
                     max_response_len=cfg.max_response_len, tokens_per_microbatch=cfg.tokens_per_microbatch,
-                    resume="auto", **extra)
+                    resume="auto", instruction=cfg.instruction, **extra)
 
 
 def eval_cmd(out: Path, cfg: StudyConfig, run_name: str) -> list[str]:
     benches = [out / "data" / "bench" / f"level{lv}.jsonl" for lv in cfg.bench_levels]
     return retu_cmd("eval", checkpoints=[out / "runs" / run_name], benchmarks=benches,
                     run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu", temperature=cfg.eval_temperature,
-                    samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.eval_max_new_tokens)
+                    samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.eval_max_new_tokens,
+                    instruction=cfg.instruction)
 
 
 def fit_cmd(sft_dir: Path, rl_runs: list[Path]) -> list[str]:
@@ -613,18 +637,21 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
     stages = []
     for pool in cfg.sft_pools:                     # pure SFT: checkpoints + validation loss, then benchmarks
         stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool), est_s=cfg.sft_steps * 0.3))
-        stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"), est_s=30))
-    for pool in cfg.branch_pools:
-        if pool not in cfg.sft_pools:
-            raise ValueError(f"StudyConfig.branch_pools: {pool!r} has no SFT run (sft_pools {cfg.sft_pools})")
+        stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"),
+                            est_s=2 * cfg.sft_steps / cfg.sft_ckpt_every))
+    for pool in cfg.sft_pools:
+        phases = cfg.phases(pool)
+        if not phases:
+            continue
         sft_dir = runs / f"sft_{pool}"
 
         def select(sft_dir=sft_dir):
             saved = {int(p.parent.name.removeprefix("step_")) for p in sft_dir.glob("checkpoints/step_*/hf")}
             choice = choose_branches(*read_val_curve(sft_dir), saved)
             (sft_dir / "branches.json").write_text(json.dumps(choice, indent=2) + "\n")
+            return {"branches": choice["branches"]}
         stages.append(Stage(f"branches_{pool}", select, est_s=1))
-        for phase in cfg.branch_phases:            # SFT -> DAPO_dc from the checkpoint chosen for this phase
+        for phase in phases:                       # SFT -> DAPO_dc from the checkpoint chosen for this phase
             name = f"dapo_{pool}_{phase}"
 
             def branch(sft_dir=sft_dir, phase=phase, name=name):
@@ -633,16 +660,19 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
                     return {"skipped": f"no {phase} checkpoint in {sft_dir.name}"}
                 return {"from_step": chosen[phase], "commands": [
                     rl_cmd(out, cfg, "dapo_dc", checkpoint_hf(sft_dir, chosen[phase]), name), eval_cmd(out, cfg, name)]}
-            stages.append(Stage(name, branch, est_s=cfg.rl_steps * 2 + 30))
+            stages.append(Stage(name, branch, est_s=cfg.rl_steps * 2 + 2 * cfg.rl_steps / cfg.rl_ckpt_every))
 
-        def fit_pool(sft_dir=sft_dir, pool=pool):   # Plasticity-Ceiling fit of the pool's SFT run + its branches
-            ran = [runs / f"dapo_{pool}_{ph}" for ph in cfg.branch_phases if (runs / f"dapo_{pool}_{ph}").is_dir()]
+        def fit_pool(sft_dir=sft_dir, pool=pool, phases=phases):   # Plasticity-Ceiling fit: SFT run + its branches
+            ran = [runs / f"dapo_{pool}_{ph}" for ph in phases if (runs / f"dapo_{pool}_{ph}").is_dir()]
             return {"rl_runs": [r.name for r in ran], "commands": [fit_cmd(sft_dir, ran)]}
-        stages.append(Stage(f"fit_{pool}", fit_pool, est_s=5))
+        stages.append(Stage(f"fit_{pool}", fit_pool, est_s=3))
     for algo in cfg.baseline_algos:                # pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model
         stages.append(Stage(f"{algo}_base", rl_cmd(out, cfg, algo, out / "base", f"{algo}_base"),
                             est_s=cfg.rl_steps * 2))
-        stages.append(Stage(f"eval_{algo}_base", eval_cmd(out, cfg, f"{algo}_base"), est_s=30))
+        stages.append(Stage(f"eval_{algo}_base", eval_cmd(out, cfg, f"{algo}_base"),
+                            est_s=2 * cfg.rl_steps / cfg.rl_ckpt_every))
+        # the run's accuracy curve through the same analysis code (fit/report.json "sft"); no branches to fit
+        stages.append(Stage(f"fit_{algo}_base", fit_cmd(runs / f"{algo}_base", []), est_s=1))
     return stages
 
 
@@ -675,14 +705,18 @@ def prepare_stages(out_dir: str | os.PathLike, data_cfg: DataConfig, model_cfg: 
     return [Stage("data", data, 2.0), Stage("tokenizer", tokenizer, 2.0), Stage("base_model", base, 2.0)]
 
 
+def study_config(quick: bool = False, seed: int = 0) -> StudyConfig:
+    return StudyConfig.quick(seed) if quick else StudyConfig(seed=seed)
+
+
 def all_stages(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0, style: str = "compact",
                prepare_only: bool = False) -> list[Stage]:
     """The demo's stages: preparation, then (unless prepare_only) every run of the study. `retu.py demo` runs
-    these through a StageRunner and then writes the report."""
+    these through a StageRunner and then writes the report (demo_report.py)."""
     data_cfg = DataConfig.quick(seed, style) if quick else DataConfig(seed=seed, style=style)
     stages = prepare_stages(out_dir, data_cfg, BaseModelConfig(seed=seed))
     if not prepare_only:
-        stages += study_stages(out_dir, StudyConfig.quick(seed) if quick else StudyConfig(seed=seed))
+        stages += study_stages(out_dir, study_config(quick, seed))
     return stages
 
 

@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 import curate
 import data as D
+import demo
+import demo_report
 import fit
 import losses
 import model as M
@@ -217,7 +219,16 @@ class FitConfig:
     plots: bool = opt(True, "write ceiling.png and branches.png")
 
 
-COMMANDS = {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "fit": FitConfig}
+@dataclass(kw_only=True)
+class DemoConfig:
+    """the whole RETU study at toy scale on a CPU, with a report (demo.py, demo_report.py)"""
+
+    out: str = opt("runs/demo", "study directory: data, base model, runs, report.md and its figures")
+    quick: bool = opt(False, "every stage at its minimum size (a smoke test; the numbers mean nothing)")
+    seed: int = opt(0, "seed of the data, the base model and every run")
+
+
+COMMANDS = {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "fit": FitConfig, "demo": DemoConfig}
 
 
 def _add_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -610,6 +621,20 @@ def run_fit(cfg: FitConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Demo: the toy study, every run a subcommand of this driver, in this process
+
+
+def run_demo(cfg: DemoConfig) -> str:
+    """Run (or resume) the study's stages, then write DIR/report.md; returns the report's path."""
+    t0 = time.time()
+    demo.StageRunner(cfg.out, execute=lambda cmd: main(cmd[2:])).run(
+        demo.all_stages(cfg.out, quick=cfg.quick, seed=cfg.seed))
+    path = demo_report.write_report(cfg.out, demo.study_config(cfg.quick, cfg.seed), quick=cfg.quick)
+    print(f"[demo] report: {path} ({time.time() - t0:.0f} s)", flush=True)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -618,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["data"]:                        # the data curation commands live in curate.py
         return curate.main(argv[1:])
     cmd, cfg = parse_args(argv)
-    runners = {"sft": run_sft, "rl": rl.run_rl, "eval": run_eval, "fit": run_fit}
+    runners = {"sft": run_sft, "rl": rl.run_rl, "eval": run_eval, "fit": run_fit, "demo": run_demo}
     try:
         runners[cmd](cfg)
     except (D.DataError, T.TrainingStopped, FileNotFoundError) as e:   # the user's input, said plainly
