@@ -5,12 +5,13 @@ Every number comes from the `retu.py fit` outputs of the run directory (`runs/<r
 the paper's three findings the report gives the measured evidence and a verdict computed from it, one of VERDICTS.
 
 Noise model. A benchmark accuracy p (percent) measured on n problems has the binomial standard error, taken from
-the plus-two estimate (k + 1) / (n + 2) so that it is not zero at 0% or 100%. A ceiling A_post from a fit that fit.py calls identifiable ("ok") carries its bootstrap SE
-(fit.bootstrap_ceiling: residual bootstrap plus P_sft's binomial noise); a branch whose fit is not identifiable is
-represented by its final accuracy with the binomial SE. A claim "x > y" is supported when x - y exceeds 1.96 times
-the combined SE sqrt(se_x^2 + se_y^2), not supported when y - x does, and inconclusive (within noise) otherwise. The
-correlation between minimum validation loss and ceiling is judged by an exact permutation test (all orderings of
-the pools), so no distributional assumption is needed for a handful of points.
+the plus-two estimate (k + 1) / (n + 2) so that it is not zero at 0% or 100%. A ceiling A_post from a fit that
+fit.py calls identifiable ("ok") carries its bootstrap SE (fit.bootstrap_ceiling: residual bootstrap plus P_sft's
+binomial noise); a branch whose fit is not identifiable is represented by its final accuracy with the binomial SE.
+A claim "x > y" is supported when x - y exceeds 1.96 times the combined SE sqrt(se_x^2 + se_y^2), not supported
+when y - x does, and inconclusive (within noise) otherwise. The correlation between minimum validation loss and
+ceiling is judged by an exact permutation test (all orderings of the pools): no distributional assumption is
+needed for a handful of points.
 """
 from __future__ import annotations
 

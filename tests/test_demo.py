@@ -13,6 +13,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import demo
+import demo_report
 import model as M
 import retu
 import verify
@@ -342,9 +343,12 @@ def test_study_stages_are_real_driver_invocations(tmp_path):
     assert [s.name for s in demo.all_stages(tmp_path)] == ["data", "tokenizer", "base_model"] + names
     assert names[:2] == ["sft_small", "eval_sft_small"] and "branches_uniform" in names
     assert names.index("branches_hard") > names.index("sft_hard")
-    assert {f"dapo_{p}_{ph}" for p in demo.SFT_POOLS for ph in demo.BRANCH_PHASES} <= set(names)
-    assert {"grpo_base", "dapo_base", "luffy_base", "srft_base", "upt_base"} <= set(names)
-    assert names.index("fit_uniform") > names.index("dapo_uniform_severe")
+    # every pool branches from its stable checkpoint; the phase pools from every sub-phase
+    branches = {n for n in names if n.startswith("dapo_") and not n.endswith("_base")}
+    assert branches == ({f"dapo_{p}_stable" for p in demo.SFT_POOLS}
+                        | {f"dapo_{p}_{ph}" for p in cfg.phase_pools for ph in demo.BRANCH_PHASES})
+    assert {f"{a}_base" for a in demo.BASELINE_ALGOS} | {f"fit_{a}_base" for a in demo.BASELINE_ALGOS} <= set(names)
+    assert names.index("fit_small") > names.index("dapo_small_severe") > names.index("sft_large")
     commands = [s.run for s in stages if not callable(s.run)]
     commands.append(demo.fit_cmd(tmp_path / "runs" / "sft_small", [tmp_path / "runs" / "dapo_small_stable"]))
     commands.append(demo.rl_cmd(tmp_path, cfg, "dapo_dc", tmp_path / "ckpt", "x"))
@@ -355,12 +359,14 @@ def test_study_stages_are_real_driver_invocations(tmp_path):
     sub, parsed = retu.parse_args([str(c) for c in commands[-1][2:]])
     assert (parsed.algo, parsed.eps_high, parsed.steps, parsed.lr) == ("dapo", 0.28, cfg.rl_steps, cfg.rl_lr)
     sub, parsed = retu.parse_args([str(c) for c in stages[0].run[2:]])
-    assert (parsed.max_steps, parsed.val_every, parsed.save_every) == (cfg.sft_steps, 40, 40)
+    assert (parsed.max_steps, parsed.val_every, parsed.save_every) == (cfg.sft_steps, cfg.sft_ckpt_every,
+                                                                        cfg.sft_ckpt_every)
+    assert parsed.instruction == cfg.instruction
     assert parsed.train.endswith("sft_small.jsonl") and parsed.val.endswith("val.jsonl")
 
 
 def test_branch_stage_without_its_phase_is_recorded_as_skipped(tmp_path):
-    cfg = demo.StudyConfig(sft_pools=("small",), branch_pools=("small",), baseline_algos=())
+    cfg = demo.StudyConfig(sft_pools=("small",), branch_pools=("small",), paradigm_pool="small", baseline_algos=())
     stages = {s.name: s for s in demo.study_stages(tmp_path, cfg)}
     sft_dir = tmp_path / "runs" / "sft_small"
     sft_dir.mkdir(parents=True)
@@ -377,8 +383,8 @@ def test_branch_stage_without_its_phase_is_recorded_as_skipped(tmp_path):
     assert rl_cfg.run_dir == str(tmp_path / "runs" / "dapo_small_stable")
     marker = json.loads((tmp_path / "stages" / "dapo_small_stable.done").read_text())
     assert marker["from_step"] == 40 and marker["commands"] == [" ".join(c) for c in ran]
-    with pytest.raises(ValueError, match="branch_pools: 'hard' has no SFT run"):
-        demo.study_stages(tmp_path, demo.StudyConfig(sft_pools=("small",), branch_pools=("hard",)))
+    with pytest.raises(ValueError, match=r"branch_pools: \['hard'\] have no SFT run"):
+        demo.StudyConfig(sft_pools=("small",), branch_pools=("hard",))
 
 
 def test_every_expert_trajectory_verifies_against_its_gold(splits):
@@ -396,3 +402,73 @@ def test_every_expert_trajectory_verifies_against_its_gold(splits):
     for rec in demo.build_splits(demo.DataConfig.quick(style="digits"))["rl.jsonl"]:
         assert verify.score(rec["response"], rec["answer"]) == 1.0
         assert verify.extract_answer(rec["response"]) == rec["answer"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report's statistics and the whole demo at --quick size
+
+
+def test_report_statistics_hand_checked():
+    # plus-two binomial SE: 0 of 48 solved -> q = 1/50, SE = 100 sqrt(q (1 - q) / 50)
+    assert demo_report.binomial_se(0.0, 48) == pytest.approx(100 * (0.02 * 0.98 / 50) ** 0.5)
+    assert demo_report.binomial_se(50.0, 98) == pytest.approx(100 * (0.25 / 100) ** 0.5)
+    est = demo_report.Estimate
+    sup, no, inc = demo_report.VERDICTS
+    assert demo_report.compare(est(60, 3, ""), est(50, 4, "")) == (sup, pytest.approx(2.0))   # 10 / 5
+    assert demo_report.compare(est(50, 3, ""), est(60, 4, ""))[0] == no
+    assert demo_report.compare(est(55, 3, ""), est(50, 4, ""))[0] == inc
+    assert demo_report.combine([sup, sup]) == sup and demo_report.combine([sup, inc]) == inc
+    assert demo_report.combine([sup, no, inc]) == no and demo_report.combine([]) == inc
+    # perfectly anti-correlated: only 1 of the 3! orderings reaches r = -1; all reach r >= -1
+    r, p_neg, p_pos = demo_report.permutation_test_r([1, 2, 3], [3, 2, 1])
+    assert (r, p_neg, p_pos) == (pytest.approx(-1.0), pytest.approx(1 / 6), 1.0)
+    assert demo_report.permutation_test_r([1, 2, 3], [5, 5, 5])[1:] == (1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """`retu.py demo --quick` in this process, run twice: the second run must find every stage done."""
+    out = tmp_path_factory.mktemp("quick_demo")
+    assert retu.main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_runs_every_stage_and_resumes(quick_demo, capsys):
+    stages = demo.all_stages(quick_demo, quick=True)
+    for s in stages:
+        assert (quick_demo / "stages" / f"{s.name}.done").exists(), s.name
+    capsys.readouterr()
+    assert retu.main(["demo", "--quick", "--out", str(quick_demo)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(stages)} of {len(stages)} stages already done, skipped" in out and "stage 1/" not in out
+    # every run produced data: training records, evaluation records, and the fit's curve
+    cfg = demo.StudyConfig.quick()
+    runs = [f"sft_{p}" for p in cfg.sft_pools] + [f"{a}_base" for a in cfg.baseline_algos]
+    runs += [p.name for p in (quick_demo / "runs").glob("dapo_*_*") if not p.name.endswith("_base")]
+    assert {f"dapo_{p}_stable" for p in cfg.sft_pools} <= set(runs)
+    for run in runs:
+        d = quick_demo / "runs" / run
+        recs = [json.loads(line) for line in open(d / "metrics.jsonl")]
+        assert sum(r["kind"] == "train" for r in recs) == (cfg.sft_steps if run.startswith("sft_") else cfg.rl_steps)
+        evals = [json.loads(line) for line in open(d / "eval.jsonl")]
+        assert evals and all(set(e["scores"]) == {"level1", "level2", "level3"} for e in evals), run
+    for run in [f"sft_{p}" for p in cfg.sft_pools] + [f"{a}_base" for a in cfg.baseline_algos]:
+        report = json.loads((quick_demo / "runs" / run / "fit" / "report.json").read_text())
+        assert report["sft"], run
+    rows = json.loads((quick_demo / "runs" / "sft_small" / "fit" / "report.json").read_text())["rows"]
+    assert len(rows) >= 2                          # finding 2 has branches from at least two sub-phases
+
+
+def test_quick_demo_report_structure(quick_demo):
+    text = (quick_demo / "report.md").read_text()
+    heads = [line for line in text.splitlines() if line.startswith("## Finding")]
+    assert [h[:12] for h in heads] == ["## Finding 1", "## Finding 2", "## Finding 3"]
+    sections = re.split(r"^## ", text, flags=re.M)
+    for sec in sections[1:4]:
+        verdicts = re.findall(r"^\*\*Verdict: (.*)\*\*$", sec, flags=re.M)
+        assert len(verdicts) == 1 and verdicts[0] in demo_report.VERDICTS, sec[:40]
+        assert "python retu.py fit --run-dir" in sec   # says how to recompute its numbers
+    for name in ("finding1.png", "finding2.png", "finding3.png"):
+        assert f"]({name})" in text
+        data = (quick_demo / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
