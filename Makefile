@@ -20,6 +20,7 @@ demo: install
 bench: install
 	$(PY) bench/sampler.py
 	$(PY) bench/sft.py
+	$(PY) bench/decontaminate.py
 
 lint: install
 	.venv/bin/ruff check .
