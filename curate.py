@@ -581,17 +581,15 @@ def embedding_scores(bench: list[str], chunks, cfg: DecontamConfig) -> tuple[np.
     b, cut = embed_texts(model, tok, bench, cfg)                       # (B, H), resident
     best = torch.full((len(bench),), -2.0, device=dev)
     nearest: list = [None] * len(bench)
-    n_train = 0
     for wheres, texts in chunks:
         e, c = embed_texts(model, tok, texts, cfg)                      # (C, H)
         cut += c
-        n_train += len(texts)
         top, arg = (b @ e.T).max(dim=1)                                 # (B,) best match within the chunk
         better = (top > best).nonzero()[:, 0].tolist()                  # usually few items: copy only their text
         best = torch.maximum(best, top)
         for i, j in zip(better, arg[better].tolist()):
             nearest[i] = (wheres[j], texts[j])
-    return best.cpu().double().numpy(), nearest, {"truncated_texts": cut, "train_prompts": n_train}
+    return best.cpu().double().numpy(), nearest, {"truncated_texts": cut}
 
 
 def run_decontaminate(cfg: DecontamConfig) -> dict:

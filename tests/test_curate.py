@@ -249,6 +249,20 @@ def test_embed_equals_naive_per_prompt_float64(emb_dir):
     torch.testing.assert_close(M.embed(model, seqs, tokens_per_batch=10**6), got, atol=2e-6, rtol=0)
 
 
+def test_embedded_text_format_and_truncation(emb_dir):
+    tok, model = M.load_tokenizer(emb_dir), M.from_pretrained(emb_dir, headless=True).eval()
+    cfg = C.DecontamConfig(benchmarks=[], train=[], out_dir="", model=str(emb_dir), max_embed_tokens=6)
+    texts = ["apple banana cherry copy the word apple", "copy"]
+    got, cut = C.embed_texts(model, tok, texts, cfg)
+    eos = tok.encode("<|endoftext|>")
+    ids = [tok.encode(t)[:5] + eos for t in texts]                     # 5 text tokens + EOS = 6
+    assert cut == 1 and len(tok.encode(texts[0])) > 5 >= len(tok.encode(texts[1]))
+    torch.testing.assert_close(got, M.embed(model, ids))
+    with pytest.raises(C.D.DataError, match="not a single token"):
+        C.embed_texts(model, tok, texts, C.DecontamConfig(benchmarks=[], train=[], out_dir="", model="m",
+                                                          eos_token="apple banana"))
+
+
 def _bench_and_train(tmp_path):
     rng = random.Random(1)
     words = ["apple", "banana", "cherry", "copy", "the", "word", "answer", "is", "step", "plus", "what", "final"]
@@ -272,7 +286,7 @@ def test_decontaminate_finds_exactly_the_planted_duplicates(tmp_path, capsys, em
     bench_texts = [r["problem"] for r in b1] + [r["prompt"] for r in b2]
     prog = C.Progress("t", "prompts")
     scores, nearest, extra = C.embedding_scores(bench_texts, C._train_chunks(cfg, prog), cfg)
-    assert extra == {"truncated_texts": 0, "train_prompts": 42}
+    assert extra == {"truncated_texts": 0} and prog.done == 42
     # the running max over chunks equals the max over all pairs of naive per-prompt float64 embeddings
     tok = M.load_tokenizer(emb_dir)
     model64 = M.from_pretrained(emb_dir, dtype=torch.float64, headless=True).eval()
