@@ -47,6 +47,7 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -223,22 +224,24 @@ class FastDecoder:
     regrouped for a CPU with a small batch, where a step is bound by per-op overhead and small GEMMs:
 
     * q/k/v and gate/up are concatenated (one GEMM each instead of three and two), and every matrix is stored
-      transposed, (in, out) row-major: MKL's sgemm runs `x @ W_t` up to 2x faster than `F.linear(x, W)` (which
-      multiplies by a transposed view) at 4-16 rows (measured in bench/sampler.py's README table notes);
+      transposed, (in, out) row-major: MKL's sgemm computes `x @ W_t` 1.4-3x faster than `F.linear(x, W)` (a
+      product with a transposed view) at 4-16 rows on this machine's CPU, for the tiny and the 0.5B shapes;
     * the residual adds ride in the GEMMs (`addmm(x, o, W_o)`), RoPE is `x * cos + roll(x, D/2) * sin'` with
-      sin' = (-sin, sin) read from a table built once per call, K/V are written with one `index_copy_` each.
+      sin' = (-sin, sin) read from a table, K and V are written into the cache with one `index_copy_`.
 
-    That is ~15 aten ops per layer instead of ~45. The copies are built once per `generate` call (the weights
-    may change between calls: RL trains them) and cost one more model's worth of memory while it runs; the time
-    to build them is counted in the benchmark. Numerics: the same operations as `model.py` in the model dtype,
+    That is ~15 aten calls per layer instead of ~45. Numerics: the operations of `model.py` in the model dtype,
     except that RMSNorm is `F.rms_norm` (it multiplies by the weight before rounding to a low-precision dtype,
-    HF after) and the GEMMs round differently; logits agree to ~1e-6 in fp32 (tests/test_rollout.py).
+    HF after) and the GEMMs round differently; log-probs agree with a full forward to 1e-5 in fp32 (tested).
+    The copies cost one more model's worth of memory; `for_model` keeps them between calls while the weights
+    are unchanged and rebuilds them after any in-place update (see there).
     """
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model):
         c = model.config
         self.nh, self.nkv, self.hd, self.eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         self.hidden, self.inter = c.hidden_size, c.intermediate_size
+        self.inv_freq = model.inv_freq
+        self.cos = self.sin = None
         t = lambda w: w.detach().t().contiguous()  # noqa: E731  (out, in) -> (in, out)
         self.layers = []
         for blk in model.layers:
@@ -256,11 +259,38 @@ class FastDecoder:
                 w_gu=t(torch.cat([m.gate_proj.weight, m.up_proj.weight])), w_down=t(m.down_proj.weight)))
         self.embed, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
         self.head = t(model.head_weight)                                                              # (H, V)
+
+    # model -> (signature of its parameters when built, FastDecoder); dropped with the model
+    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_model(cls, model, max_len: int) -> FastDecoder:
+        """The decoder of `model`'s current weights, with RoPE tables for positions [0, max_len).
+
+        Kept between calls while every parameter has the same storage and version counter. Every in-place
+        write bumps the version counter (optimizer steps, `copy_` or `load_state_dict` under no_grad), so an
+        RL loop gets a rebuild after each update and never samples stale weights. Writes through `p.data` do
+        not bump it: after one, `FastDecoder._cache.clear()`. Models whose parameters are inference tensors
+        (created under inference_mode) have no version counter and are rebuilt every call."""
+        params = list(model.parameters())
+        key = None if any(p.is_inference() for p in params) else tuple((p.data_ptr(), p._version) for p in params)
+        hit = cls._cache.get(model)
+        if hit is None or key is None or hit[0] != key:
+            cls._cache.pop(model, None)  # free the old copies before building new ones
+            hit = (key, cls(model))
+            if key is not None:
+                cls._cache[model] = hit
+        dec = hit[1]
+        if dec.cos is None or dec.cos.shape[0] < max_len:
+            dec._rope_tables(max_len)
+        return dec
+
+    def _rope_tables(self, max_len: int):
+        """cos and sign-folded sin for positions [0, max_len), computed as model.forward does (fp32, then cast)."""
         dtype, dev = self.embed.dtype, self.embed.device
-        # RoPE tables for positions [0, max_len), computed like model.forward does (fp32, then cast)
-        freqs = torch.arange(max_len, device=dev).float()[:, None] * model.inv_freq.to(dev)          # (S, D/2)
+        freqs = torch.arange(max_len, device=dev).float()[:, None] * self.inv_freq.to(dev)           # (S, D/2)
         self.cos = torch.cat((freqs, freqs), -1).cos().to(dtype)                                     # (S, D)
-        self.sin = torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype)   # the sign of rotate-half folded in
+        self.sin = torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, pos (B,) for slots [0, B) -> next-token logits (B, V). `cache` is in decode mode for them."""
@@ -277,9 +307,9 @@ class FastDecoder:
             if w["qk_norm"] is not None:
                 qk = F.rms_norm(qk, (D,), None, self.eps) * w["qk_norm"]
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)             # (B, nh + nkv, D)
+            kv = torch.stack((qk[:, nh:], qkv[:, (nh + nkv) * D:].view(B, nkv, D)))  # (2, B, nkv, D)
+            cache.kv[i].view(2, -1, D).index_copy_(1, dst, kv.view(2, B * nkv, D))  # K and V in one write
             kc, vc = cache.k[i], cache.v[i]                                   # (slots, nkv, S, D)
-            kc.view(-1, D).index_copy_(0, dst, qk[:, nh:].reshape(B * nkv, D))
-            vc.view(-1, D).index_copy_(0, dst, qkv[:, (nh + nkv) * D:].reshape(B * nkv, D))
             # the G query heads of a kv head are G query rows of one SDPA head: no repeat of K/V
             o = F.scaled_dot_product_attention(qk[:, :nh].view(B, nkv, nh // nkv, D), kc[:B, :, :L], vc[:B, :, :L],
                                                attn_mask=cache.bias)     # (B, nkv, G, D)
@@ -394,7 +424,9 @@ class _Engine:
         self.stop = set(cfg.stop_token_ids)
         fsdp = _is_fsdp(model)
         self.static = cfg.cuda_graph and not fsdp
-        self.fast = FastDecoder(model, self.max_len) if FAST_CPU_DECODE and dev.type == "cpu" and not fsdp else None
+        self.fast = None
+        if FAST_CPU_DECODE and dev.type == "cpu" and not fsdp:
+            self.fast = FastDecoder.for_model(model, self.max_len)
         self.graph = None
         self.stats = cfg.stats if cfg.stats is not None else {}
         self.stats.update(slots=S, prefill_forwards=0, prefill_tokens=0, decode_steps=0, decode_rows=0,

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rollout  # noqa: E402
 from model import ModelConfig, Transformer, from_pretrained, save_pretrained  # noqa: E402
 from rollout import generate, sample  # noqa: E402
 
@@ -120,11 +121,20 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
     label = f"{shape} B={batch} P={plen} new={new} {str(dtype).removeprefix('torch.')}"
 
     engines = {}  # name -> a function generating batch * new tokens
-    for cuda_graph in (False, True) if device.type == "cuda" else (False,):  # on CUDA also the graph replay
-        def ours(cuda_graph=cuda_graph):
+    # on CPU also the decode step through model.forward (FastDecoder off), and a weight update before every call
+    # (as in RL: FastDecoder's regrouped weights are rebuilt each time; otherwise they are reused between calls)
+    variants = [("", False, True, False), (" cuda_graph", True, True, False)] if device.type == "cuda" else \
+        [("", False, True, False), (" (weights updated before the call)", False, True, True),
+         (" (model.forward decode)", False, False, False)]
+    for suffix, cuda_graph, fast, update in variants:
+        def ours(cuda_graph=cuda_graph, fast=fast, update=update):
+            if update:
+                model.norm.weight.add_(0.0)  # an in-place write: a new version of the weights
+            rollout.FAST_CPU_DECODE = fast
             outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)
+            rollout.FAST_CPU_DECODE = True
             assert sum(len(o.token_ids) for o in outs) == batch * new
-        engines["rollout.generate" + (" cuda_graph" if cuda_graph else "")] = ours
+        engines["rollout.generate" + suffix] = ours
     if hf is not None:
         engines["HF transformers generate"] = lambda: hf_generate(hf, prompts, new)
     with torch.no_grad():
@@ -137,6 +147,10 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
         if not skip_no_cache:  # one run: it is slow, and not the comparison that matters
             no_cache_loop(model, prompts, 2, g)
             best["no-cache loop"] = timed(lambda: no_cache_loop(model, prompts, new, g), device)
+        if device.type == "cpu":  # paid by the first generate() after each weight update
+            build = min(timed(lambda: rollout.FastDecoder(model), device) for _ in range(3))
+            print(f"# {label}: FastDecoder weight regrouping {build * 1e3:.1f} ms "
+                  f"({build / best['rollout.generate']:.1%} of a generate() call that reuses them)")
     base = batch * new / best["rollout.generate"]
     for name, t in best.items():
         row = {"run": label, "engine": name, "tok/s": batch * new / t, "s": t, "ours / this": base * t / (batch * new)}
@@ -165,11 +179,13 @@ def main():
     if args.only:
         table = [r for r in table if r[0] in args.only.split(",")]
     where = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"# device: {where}; torch {torch.__version__}")
+    print(f"# device: {where}; torch {torch.__version__}; load average at start "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     for shape, batch, plen, new in table:
-        # the no-cache loop is quadratic in length: only the tiny shape can afford it
-        run(shape, batch, plen, new, device, dtype, skip_no_cache=shape != "tiny", skip_hf=args.no_hf, rows=rows)
+        # the no-cache loop is quadratic in length: on CPU the runs are short enough, the GPU runs are not
+        run(shape, batch, plen, new, device, dtype, skip_no_cache=cuda, skip_hf=args.no_hf, rows=rows)
+    print(f"# load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     cols = ["run", "engine", "tok/s", "s", "ours / this"] + (["GB/s", "roofline"] if cuda else [])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

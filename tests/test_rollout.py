@@ -149,6 +149,31 @@ def test_fast_cpu_decode_logprobs_match_full_forward_per_architecture(arch, kw, 
                                atol=1e-5, rtol=0)
 
 
+def test_fast_cpu_decode_never_samples_stale_weights():
+    """FastDecoder keeps its regrouped weight copies between calls; any in-place update of the parameters (an
+    optimizer step, a copy_ under no_grad) must rebuild them before the next generate."""
+    model = tiny_model()
+    before = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert [o.token_ids for o in before] == [naive_greedy(model, p, 6) for p in PROMPTS]
+    built = rollout.FastDecoder._cache[model][1]
+    generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert rollout.FastDecoder._cache[model][1] is built  # unchanged weights: reused
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([PROMPTS[1]])
+    logp, _ = model(ids[:, :-1], targets=ids[:, 1:])
+    logp.sum().backward()
+    opt.step()  # changes every parameter in place
+    after = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert [o.token_ids for o in after] == [naive_greedy(model, p, 6) for p in PROMPTS]
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+    built = rollout.FastDecoder._cache[model][1]
+    with torch.no_grad():  # one in-place write to one element of one weight is enough to rebuild
+        model.layers[1].mlp.down_proj.weight[3, 5].copy_(torch.tensor(4.0))
+    again = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert rollout.FastDecoder._cache[model][1] is not built
+    assert [o.token_ids for o in again] == [naive_greedy(model, p, 6) for p in PROMPTS]
+
+
 def test_greedy_logprobs_are_untempered():
     model = tiny_model()
     o = generate(model, PROMPTS[:1], max_new_tokens=5, temperature=0)[0]
