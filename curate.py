@@ -277,6 +277,9 @@ class JSONLWriter:
         self.path = os.path.abspath(path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(self.path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)        # mkstemp makes it 0600; the output is shared like any file
         self.f = os.fdopen(fd, "w", encoding="utf-8")
         self.n = 0
 

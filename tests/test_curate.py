@@ -3,6 +3,7 @@ idempotence, the embedding (model.embed) against a naive per-prompt float64 comp
 exactly the planted duplicates, the n-gram mode on hand-counted cases, and win rates against an independent count."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def test_dedup_within_and_across_files_keeps_the_chosen_record(tmp_path, capsys)
     assert (a_ids, b_ids) == ([0, 1, 3], [5])
     assert (s["records"], s["kept"], s["duplicate_groups"]) == (6, 4, 2)
     assert s["files"][str(a)] == {"original": 4, "kept": 3, "out": str(tmp_path / "first" / "a.jsonl")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "first" / "a.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask     # not mkstemp's 0600
     assert ids("last")[:2] == ([2, 3], [4, 5])
     assert ids("longest-response")[:2] == ([1, 2, 3], [5])
     assert ids("shortest-response")[:2] == ([0, 3], [4, 5])       # ties ("r", "r") keep the first
