@@ -77,7 +77,8 @@ class DedupConfig(_Common):
     out_dir: str = opt(help="one deduplicated <name>.jsonl per input is written here")
     normalize: bool = opt(True, "match normalised prompts (NFKC, case, whitespace); --no-normalize: exact text")
     keep: str = opt("first", "which record of a duplicate group survives: first | last (files in the given order, "
-                             "lines in file order) | longest-response | shortest-response (ties: the first)")
+                             "lines in file order) | longest-response | shortest-response (in characters; ties: the "
+                             "first)")
 
     def __post_init__(self):
         if self.keep not in ("first", "last", "longest-response", "shortest-response"):

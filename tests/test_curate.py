@@ -5,6 +5,7 @@ exactly the planted duplicates, the n-gram mode on hand-counted cases, and win r
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -236,7 +237,7 @@ def naive_embedding(model64, ids: list[int]) -> torch.Tensor:
     return h / h.pow(2).sum().sqrt()
 
 
-def test_embed_equals_naive_per_prompt_float64(emb_dir):
+def test_embed_equals_naive_per_prompt_float64(tmp_path, emb_dir):
     with pytest.raises(ValueError, match="unexpected tensor .embed_tokens.weight."):   # not a causal LM ...
         M.from_pretrained(emb_dir)
     model = M.from_pretrained(emb_dir, headless=True).eval()                # ... but as an embedding model
@@ -251,6 +252,12 @@ def test_embed_equals_naive_per_prompt_float64(emb_dir):
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(23))
     torch.testing.assert_close(M.embed(model, seqs, tokens_per_batch=10**6), got, atol=2e-6, rtol=0)
+    # the usual HF layout ("model." prefix, an lm_head) loads headless to the same embedder
+    shutil.copytree(emb_dir, tmp_path / "hf")
+    sd = {"model." + k: v for k, v in load_file(emb_dir / "model.safetensors").items()}
+    sd["lm_head.weight"] = torch.randn(model.config.vocab_size, model.config.hidden_size)
+    save_file(sd, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    torch.testing.assert_close(M.embed(M.from_pretrained(tmp_path / "hf", headless=True), seqs), got)
 
 
 def test_embedded_text_format_and_truncation(emb_dir):
