@@ -4,10 +4,13 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/sampler.py --only tiny
     .venv/bin/python bench/sampler.py                                    # with CUDA: bf16 GPU table instead
 
-Baselines: a no-cache loop (re-runs the full forward over prompt + generated tokens every step, same sampler)
-always, and HF transformers `generate` when transformers is importable (a bench-only extra, not a test
-dependency). Both engines load the same random-weight checkpoint written by `model.save_pretrained`, and
-every run samples (no stop tokens) so all of them generate exactly the same number of tokens.
+Baselines: a no-cache loop (re-runs the full forward over prompt + generated tokens every step, same sampler;
+on CPU only, one run) and HF transformers `generate` when transformers is importable (a bench-only extra, not a
+test dependency). On CPU two more rows show where the speed comes from: the decode step through model.forward
+(rollout.FAST_CPU_DECODE off), and a weight update before each call, as in RL, so that FastDecoder's regrouped
+weights are rebuilt inside the timed call (otherwise they are reused between calls; their build time is printed).
+All engines load the same random-weight checkpoint written by `model.save_pretrained`, and every run samples
+(no stop tokens) so all of them generate exactly the same number of tokens.
 
 On CUDA it runs rollout.generate eagerly and with cuda_graph=True (and prints how often their greedy tokens
 agree, a check of the graph path), and reports decode memory bandwidth as a fraction of the card's peak: per
@@ -81,7 +84,7 @@ def no_cache_loop(model, prompts: torch.Tensor, new: int, gen: torch.Generator):
     """The baseline without a KV cache: every step re-runs the forward over all tokens so far."""
     ids = prompts
     for _ in range(new):
-        tok, _ = sample(model(ids)[:, -1], TEMPERATURE, 0, 1.0, gen)
+        tok, _ = sample(model.logits(model(ids, hidden_only=True)[:, -1]), TEMPERATURE, 0, 1.0, gen)
         ids = torch.cat([ids, tok[:, None]], dim=1)
     return ids
 
