@@ -34,8 +34,9 @@ Tokenizer: byte-level BPE with Qwen2's pre-tokenizer (every digit its own token)
 and the ChatML special tokens; `tokenizer_config.json` carries a ChatML chat template and eos `<|im_end|>` as
 Qwen's chat models do.
 
-Sizes (default seed, this tokenizer): response tokens per level 21.7 / 49.4 / 79.9 (max 22 / 53 / 89); the
-problem text 10.5-12.6 tokens, plus 16 for the driver's default instruction and 8 for the ChatML frame.
+Sizes (default seed, this tokenizer): response tokens per level 21.7 / 49.4 / 79.9 (max 22 / 53 / 89) in style
+"compact", about 45 / 92 / 144 (max 47 / 103 / 164) in style "digits"; the problem text 10.5-12.6 tokens, plus 8
+for the ChatML frame (the demo passes no instruction: the driver's default would add 16 tokens to every prompt).
 
 The study itself is a list of `Stage`s, each one or more `retu.py` subcommands (the real driver, not a parallel
 toy implementation) or an in-process step such as writing the data. `StageRunner` runs the commands through
@@ -45,9 +46,11 @@ re-running the demo resumes after the last finished stage. The runs:
   * `sft_{pool}` (+ `eval_sft_{pool}`): pure SFT on each pool, validation loss and a checkpoint every N steps;
   * `branches_{pool}`: fit.sft_subphases labels the checkpoints from the validation loss; one checkpoint per
     sub-phase (adaptive / stable / mild / severe, where present) is chosen and written to branches.json;
-  * `dapo_{pool}_{phase}`: DAPO_dc (eps_high 0.28) from that checkpoint on the RL prompts, then its evaluation;
+  * `dapo_{pool}_{phase}`: DAPO_dc (eps_high 0.28) from that checkpoint on the RL prompts, then its evaluation:
+    the stable checkpoint of every pool (finding 3), every sub-phase of `StudyConfig.phase_pools` (finding 2);
   * `fit_{pool}`: `retu.py fit` on the SFT run and the branches that ran (Plasticity-Ceiling decomposition);
-  * `{grpo,dapo,luffy,srft,upt}_base`: pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model, evaluated.
+  * `{grpo,dapo,luffy,srft,upt}_base` (+ eval, + fit): pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model.
+demo_report.py then reads the fit outputs and writes DIR/report.md with the three findings and their verdicts.
 """
 from __future__ import annotations
 
@@ -178,7 +181,7 @@ class DataConfig:
     })
     val_size: int = 199                            # Val-199 role, natural mixture
     rl_size: int = 1024                            # RL prompts (MIX37K role), natural mixture
-    bench_size: int = 200                          # problems per level in each benchmark file
+    bench_size: int = 80                           # problems per level in each benchmark file
 
     def __post_init__(self):
         if self.style not in STYLES:
@@ -492,11 +495,11 @@ class StudyConfig:
     instruction: str = ""
     # SFT (one run per pool); validation loss and a checkpoint every `sft_ckpt_every` steps
     sft_pools: tuple[str, ...] = SFT_POOLS
-    sft_steps: int = 400
-    sft_sequences_per_step: int = 64
-    sft_lr: float = 2e-3
+    sft_steps: int = 600
+    sft_sequences_per_step: int = 16
+    sft_lr: float = 3e-3
     sft_warmup_ratio: float = 0.05
-    sft_ckpt_every: int = 40
+    sft_ckpt_every: int = 100
     sft_log_every: int = 20
     max_seq_len: int = 256
     tokens_per_microbatch: int = 8192
@@ -508,18 +511,18 @@ class StudyConfig:
     paradigm_pool: str = "large"                   # finding 1: its stable branch is "SFT-then-RL"
     # RL (branches and baselines)
     baseline_algos: tuple[str, ...] = BASELINE_ALGOS
-    rl_steps: int = 30
-    rl_prompts_per_step: int = 16
+    rl_steps: int = 12
+    rl_prompts_per_step: int = 8
     rl_samples_per_prompt: int = 8
     rl_max_rounds: int = 3                         # DAPO's dynamic sampling: generation rounds per step at most
-    rl_lr: float = 2e-4
-    rl_ckpt_every: int = 5                         # each RL checkpoint is one point of the branch's curve
-    max_response_len: int = 128
+    rl_lr: float = 3e-4
+    rl_ckpt_every: int = 3                         # each RL checkpoint is one point of the branch's curve
+    max_response_len: int = 112
     # evaluation of every checkpoint on the benchmark file of each of these levels (data/bench/level{k}.jsonl)
     bench_levels: tuple[int, ...] = (1, 2, 3)
     eval_temperature: float = 0.0                  # greedy: checkpoints differ by what they learned, not by luck
     eval_samples_per_prompt: int = 1
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = 112
 
     def __post_init__(self):
         for name in ("branch_pools", "phase_pools"):

@@ -7,6 +7,7 @@
                                              --train rl.jsonl --run-dir runs/dapo
     python retu.py eval --checkpoints runs/sft --benchmarks aime24.jsonl gsm8k.jsonl --run-dir runs/sft
     python retu.py fit  --run-dir runs/sft --rl-runs runs/dapo
+    python retu.py demo [--quick] [--out runs/demo]        # the whole study at toy scale on a CPU, with a report
 
 Every subcommand has one config dataclass below; its fields are the command-line flags (`--field-name`), and the
 resolved config is the first record of the run's metrics.jsonl. Batch sizes carry their unit in the name:

@@ -108,7 +108,7 @@ def level_of(rec) -> int:
 def test_difficulty_knob_changes_the_statistics(splits, tokenizer):
     for lv, (na, nb) in demo.DataConfig().levels.items():
         recs = splits[f"bench/level{lv}.jsonl"]
-        assert len(recs) == 200
+        assert len(recs) == demo.DataConfig().bench_size
         steps = []
         for rec in recs:
             a, b = demo.record_factors(rec)
@@ -145,7 +145,7 @@ def test_mixture_counts_hand_checked():
 
 def test_splits_are_disjoint_and_complete(splits):
     keys = [demo.record_factors(r) for recs in splits.values() for r in recs]
-    assert len(keys) == len(set(keys)) == 200 * 3 + 199 + 1024 + 256 + 2048 * 3 + 8192
+    assert len(keys) == len(set(keys)) == demo.DataConfig().bench_size * 3 + 199 + 1024 + 256 + 2048 * 3 + 8192
     dup = dict(splits)
     dup["extra.jsonl"] = [splits["val.jsonl"][5]]
     with pytest.raises(ValueError, match=r"in both val.jsonl \(record 5\) and extra.jsonl \(record 0\)"):
@@ -398,7 +398,7 @@ def test_every_expert_trajectory_verifies_against_its_gold(splits):
             if n % 20 == 0:                    # and a near miss fails (a sample: the gold check is the point)
                 assert verify.score(response, str(a * b + 1)) == 0.0, (fname, rec)
             n += 1
-    assert n == 200 * 3 + 199 + 1024 + 256 + 2048 * 3 + 8192
+    assert n == demo.DataConfig().bench_size * 3 + 199 + 1024 + 256 + 2048 * 3 + 8192
     for rec in demo.build_splits(demo.DataConfig.quick(style="digits"))["rl.jsonl"]:
         assert verify.score(rec["response"], rec["answer"]) == 1.0
         assert verify.extract_answer(rec["response"]) == rec["answer"]
