@@ -214,6 +214,37 @@ def finding3(out: Path, cfg: demo.StudyConfig) -> dict:
     return {"rows": rows, "claims": claims, "corr": corr, "verdict": combine([c["verdict"] for c in claims])}
 
 
+def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
+    """Did the toy model learn at all? Per SFT pool: validation loss at the start and its minimum, and the best
+    level-1 accuracy of any checkpoint (eval.jsonl; `retu.py fit --metric level1` shows the same numbers); per RL
+    run: overall accuracy at its start and at its end (a change counts when it is beyond noise, as in `compare`)."""
+    sft = []
+    for pool in cfg.sft_pools:
+        run = FitOutput(out / "runs" / f"sft_{pool}")
+        losses = [p["val_loss"] for p in run.report["sft"] if p["val_loss"] is not None]
+        metrics = [json.loads(line) for line in open(run.run_dir / "metrics.jsonl")]
+        start = next(r["val_loss"] for r in metrics if r.get("kind") == "val" and r["step"] == 0)
+        evals = [json.loads(line) for line in open(run.run_dir / "eval.jsonl")]
+        best = max(evals, key=lambda e: e["scores"].get("level1", -1.0))
+        sft.append({"pool": pool, "val_start": start, "val_min": min(losses) if losses else float("nan"),
+                    "level1": best["scores"].get("level1", float("nan")), "level1_step": best["step"]})
+    rl = []
+    for pool in cfg.sft_pools:
+        run = FitOutput(out / "runs" / f"sft_{pool}")
+        for ph, step in branch_steps(run.run_dir).items():
+            row = run.branch_rows()[step]
+            rl.append({"run": f"dapo_{pool}_{ph}", "start": row["y"][0], "end": row["y"][-1]})
+    for algo in cfg.baseline_algos:
+        _, y = FitOutput(out / "runs" / f"{algo}_base").curve()
+        rl.append({"run": f"{algo}_base", "start": float("nan"), "end": float(y[-1])})
+    majority = max(r["level1"] for r in sft) > 50.0
+    n = FitOutput(out / "runs" / f"sft_{cfg.sft_pools[0]}").n_problems
+    moved = any(compare(Estimate(r["end"], binomial_se(r["end"], n), ""),
+                        Estimate(r["start"], binomial_se(r["start"], n), ""))[0] != VERDICTS[2]
+                for r in rl if math.isfinite(r["start"]))
+    return {"sft": sft, "rl": rl, "majority": majority, "moved": moved}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Figures (matplotlib, Agg: fit._pyplot)
 
@@ -362,8 +393,19 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
     md += ["", "Reproduce: " + "; ".join(r["command"] for r in f3["rows"]) + ".", ""]
     for c in f3["claims"]:
         md.append(f"- {c['claim']}: {c['detail']} -> {c['verdict']}")
-    md += ["", f"![finding 3]({figs['f3'].name})", "", f"**Verdict: {f3['verdict']}**", "",
-           "## Stage times", "", "| stage | seconds |", "|---|---|"]
+    md += ["", f"![finding 3]({figs['f3'].name})", "", f"**Verdict: {f3['verdict']}**", ""]
+    lc = learning_check(out, cfg)
+    md += ["## Did the toy model learn?", "",
+           f"SFT solves a majority of level-1 problems at some checkpoint: **{'yes' if lc['majority'] else 'no'}**. "
+           f"RL changes accuracy beyond noise in some branch: **{'yes' if lc['moved'] else 'no'}**. "
+           "Without both, the verdicts above test the pipeline, not the paper.", "",
+           "| SFT pool | val loss at step 0 | min val loss | best level-1 accuracy (%) | at step |",
+           "|---|---|---|---|---|"]
+    md += [f"| {r['pool']} | {r['val_start']:.3f} | {r['val_min']:.3f} | {r['level1']:.1f} | {r['level1_step']} |"
+           for r in lc["sft"]]
+    md += ["", "| RL run | accuracy at its start (%) | at its end (%) |", "|---|---|---|"]
+    md += [f"| {r['run']} | {fit._f(r['start'])} | {r['end']:.1f} |" for r in lc["rl"]]
+    md += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in secs.items()]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
