@@ -298,6 +298,7 @@ def plot_finding2(f2: dict, path: Path) -> Path:
         ax_r.errorbar(pos, [e.value for e in est], yerr=[Z * e.se for e in est], fmt="none", ecolor="k", capsize=3)
         ax_r.set_xticks(pos, [f"{ph}\n{'fit' if e.source.startswith('A_post') else 'final'}"
                               for ph, e in zip(names, est)], fontsize=8)
+        ax_r.set_ylim(0, max(5.0, 1.1 * max(e.value + Z * e.se for e in est)))   # accuracy is never below 0
         ax_r.set_ylabel("accuracy (%)")
         ax_r.set_title("ceiling per branch (95% bars)", fontsize=9)
         ax_r.legend(fontsize=7)
@@ -316,6 +317,7 @@ def plot_finding3(f3: dict, path: Path) -> Path:
     ax_l.bar(pos, [r["est"].value for r in rows], 0.6, color="#55a868",
              yerr=[Z * r["est"].se for r in rows], capsize=3)
     ax_l.set_xticks(pos, [f"{r['pool']}\n{r['size']}" for r in rows], fontsize=8)
+    ax_l.set_ylim(0, max(5.0, 1.1 * max(r["est"].value + Z * r["est"].se for r in rows)))
     ax_l.set_ylabel("ceiling (%)")
     ax_l.set_title("best branch ceiling per SFT pool (95% bars)", fontsize=9)
     lv = [r["min_val_loss"] for r in rows if r["min_val_loss"] is not None]
