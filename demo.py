@@ -639,7 +639,9 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
     runs = out / "runs"
     stages = []
     for pool in cfg.sft_pools:                     # pure SFT: checkpoints + validation loss, then benchmarks
-        stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool), est_s=cfg.sft_steps * 0.3))
+        # estimates measured on the 2-core machine (one thread): ~8 ms per SFT sequence, ~2 s per evaluation
+        stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool),
+                            est_s=0.008 * cfg.sft_steps * cfg.sft_sequences_per_step))
         stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"),
                             est_s=2 * cfg.sft_steps / cfg.sft_ckpt_every))
     for pool in cfg.sft_pools:
@@ -663,7 +665,7 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
                     return {"skipped": f"no {phase} checkpoint in {sft_dir.name}"}
                 return {"from_step": chosen[phase], "commands": [
                     rl_cmd(out, cfg, "dapo_dc", checkpoint_hf(sft_dir, chosen[phase]), name), eval_cmd(out, cfg, name)]}
-            stages.append(Stage(name, branch, est_s=cfg.rl_steps * 2 + 2 * cfg.rl_steps / cfg.rl_ckpt_every))
+            stages.append(Stage(name, branch, est_s=1.5 * cfg.rl_steps + 2 * cfg.rl_steps / cfg.rl_ckpt_every))
 
         def fit_pool(sft_dir=sft_dir, pool=pool, phases=phases):   # Plasticity-Ceiling fit: SFT run + its branches
             ran = [runs / f"dapo_{pool}_{ph}" for ph in phases if (runs / f"dapo_{pool}_{ph}").is_dir()]
@@ -671,7 +673,7 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
         stages.append(Stage(f"fit_{pool}", fit_pool, est_s=3))
     for algo in cfg.baseline_algos:                # pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model
         stages.append(Stage(f"{algo}_base", rl_cmd(out, cfg, algo, out / "base", f"{algo}_base"),
-                            est_s=cfg.rl_steps * 2))
+                            est_s=1.5 * cfg.rl_steps))
         stages.append(Stage(f"eval_{algo}_base", eval_cmd(out, cfg, f"{algo}_base"),
                             est_s=2 * cfg.rl_steps / cfg.rl_ckpt_every))
         # the run's accuracy curve through the same analysis code (fit/report.json "sft"); no branches to fit
