@@ -135,14 +135,16 @@ def finding1(out: Path, cfg: demo.StudyConfig) -> dict:
     pool = cfg.paradigm_pool
     sft = FitOutput(out / "runs" / f"sft_{pool}")
     steps = branch_steps(sft.run_dir)
-    if "stable" not in steps:
-        raise ValueError(f"finding 1 needs the stable branch of pool {pool!r}; branches that ran: {steps}")
-    row = sft.branch_rows()[steps["stable"]]
+    if not steps:
+        raise ValueError(f"finding 1 needs an RL branch of pool {pool!r}; none ran")
+    # the stable branch (the paper's recommendation); a pool whose minimum loss is at step 0 has none
+    phase = "stable" if "stable" in steps else next(iter(steps))
+    row = sft.branch_rows()[steps[phase]]
     seq = Estimate(row["y"][-1], binomial_se(row["y"][-1], sft.n_problems), "final accuracy")
     rl_eflops = row["x"][-1]
     entries = [{"name": f"SFT ({pool}, {len(sft.report['sft'])} checkpoints), last checkpoint",
                 "est": sft.final(), "eflops": sft.report["sft"][-1]["eflops"]},
-               {"name": f"SFT-then-RL: SFT step {steps['stable']} (stable) -> DAPO_dc", "est": seq,
+               {"name": f"SFT-then-RL: SFT step {steps[phase]} ({phase}) -> DAPO_dc", "est": seq,
                 "eflops": row["sft_eflops"] + rl_eflops}]
     parts, curves = [], {"SFT": sft.curve(),
                          "SFT-then-RL": (row["sft_eflops"] + np.array(row["x"]), np.array(row["y"]))}

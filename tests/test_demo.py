@@ -472,3 +472,33 @@ def test_quick_demo_report_structure(quick_demo):
         assert f"]({name})" in text
         data = (quick_demo / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+
+def _fake_fit(run_dir, sft, rows=(), n=240):
+    """A `retu.py fit` output directory with the given curve and branch rows (what demo_report reads)."""
+    (run_dir / "fit").mkdir(parents=True)
+    (run_dir / "fit" / "report.json").write_text(json.dumps(
+        {"sft": sft, "rows": list(rows), "min_val_loss": min((p["val_loss"] for p in sft if p["val_loss"]),
+                                                              default=None)}))
+    (run_dir / "fit" / "input.json").write_text(json.dumps({"bench_sizes": {"level1": n // 2, "level2": n // 2}}))
+
+
+@pytest.mark.parametrize("branch_acc, base_acc, verdict", [(60.0, 10.0, "supported"), (10.0, 60.0, "not supported"),
+                                                            (30.0, 26.0, "inconclusive (within noise)")])
+def test_finding1_verdict_follows_the_numbers(tmp_path, branch_acc, base_acc, verdict):
+    # binomial SE at n = 240: 30% vs 26% differ by 4 points, 1.96 * combined SE is ~8: within noise
+    cfg = demo.StudyConfig(sft_pools=("large",), branch_pools=("large",), phase_pools=(), baseline_algos=("grpo",))
+    runs = tmp_path / "runs"
+    sft = [{"step": s, "eflops": s * 1e-8, "score": 5.0, "val_loss": 1.0 / s, "subphase": None} for s in (100, 200)]
+    row = {"sft_step": 200, "sft_eflops": 2e-6, "P_sft": 5.0, "x": [0.0, 1e-7, 2e-7], "y": [5.0, 20.0, branch_acc],
+           "status": "not identifiable", "A_post": float("nan")}
+    _fake_fit(runs / "sft_large", sft, [row])
+    (runs / "sft_large" / "branches.json").write_text(json.dumps({"labels": {}, "branches": {"stable": 200}}))
+    (runs / "dapo_large_stable").mkdir()
+    (runs / "dapo_large_stable" / "eval.jsonl").write_text("{}\n")
+    _fake_fit(runs / "grpo_base", [{"step": 3, "eflops": 1e-7, "score": base_acc, "val_loss": None, "subphase": None}])
+    f1 = demo_report.finding1(tmp_path, cfg)
+    assert f1["verdict"] == verdict
+    seq, base = f1["entries"][1]["est"], f1["entries"][2]["est"]
+    assert (seq.value, base.value) == (branch_acc, base_acc)
+    assert f1["entries"][2]["z"] == pytest.approx((branch_acc - base_acc) / (seq.se ** 2 + base.se ** 2) ** 0.5)
