@@ -26,6 +26,10 @@ The design follows nano-vllm and gpt-fast, minus paging:
   the cost of a step follows the live batch, not the batch we started with.
 * **Decode attention**: `kernels.decode_attention` (Triton split-K flash-decoding with GQA) on CUDA; on CPU a
   torch path that reuses one additive length mask for all layers of a step.
+* **CPU decode step** (`FastDecoder`, on unless `FAST_CPU_DECODE = False`; not under FSDP): at a small batch a
+  CPU step is bound by per-op overhead and small GEMMs, so the step runs from copies of the weights with q/k/v
+  and gate/up fused and every matrix pre-transposed, in fewer ops. The copies are kept per model
+  and rebuilt whenever a parameter changed in place (version counters), so RL never samples stale weights.
 * **CUDA graphs** (`cuda_graph=True`, off by default until measured on a GPU): every step runs all slots at
   the full cache length, so its shapes never change and it is captured once per call and replayed.
 * **Sampling on device**: temperature, then top-k, then top-p (the order of vLLM and HF), then inverse-CDF
@@ -224,16 +228,17 @@ class FastDecoder:
     regrouped for a CPU with a small batch, where a step is bound by per-op overhead and small GEMMs:
 
     * q/k/v and gate/up are concatenated (one GEMM each instead of three and two), and every matrix is stored
-      transposed, (in, out) row-major: MKL's sgemm computes `x @ W_t` 1.4-3x faster than `F.linear(x, W)` (a
-      product with a transposed view) at 4-16 rows on this machine's CPU, for the tiny and the 0.5B shapes;
+      transposed, (in, out) row-major: MKL's sgemm computes `x @ W_t` 1.1-3.2x faster than `F.linear(x, W)` (a
+      product with a transposed view) at 4-16 rows on the 2-core dev CPU, for the bench's tiny and 0.5B shapes;
     * the residual adds ride in the GEMMs (`addmm(x, o, W_o)`), RoPE is `x * cos + roll(x, D/2) * sin'` with
       sin' = (-sin, sin) read from a table, K and V are written into the cache with one `index_copy_`.
 
-    That is ~15 aten calls per layer instead of ~45. Numerics: the operations of `model.py` in the model dtype,
-    except that RMSNorm is `F.rms_norm` (it multiplies by the weight before rounding to a low-precision dtype,
-    HF after) and the GEMMs round differently; log-probs agree with a full forward to 1e-5 in fp32 (tested).
-    The copies cost one more model's worth of memory; `for_model` keeps them between calls while the weights
-    are unchanged and rebuilds them after any in-place update (see there).
+    A tiny-shape step makes 740 aten calls (nested ones and views included) instead of 1,049 through
+    model.forward. Numerics: the operations of `model.py` in the model dtype, except that RMSNorm is `F.rms_norm`
+    (it multiplies by the weight before rounding to a low-precision dtype, HF after) and the GEMMs round
+    differently; log-probs agree with a full forward to 1e-5 in fp32 (tested). The copies cost one more model's
+    worth of memory and take ~1.4 s to build for a 0.5B fp32 model; `for_model` keeps them between calls while
+    the weights are unchanged and rebuilds them after any in-place update (see there).
     """
 
     def __init__(self, model):
