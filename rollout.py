@@ -275,7 +275,7 @@ class FastDecoder:
         Kept between calls while every parameter has the same storage and version counter. Every in-place
         write bumps the version counter (optimizer steps, `copy_` or `load_state_dict` under no_grad), so an
         RL loop gets a rebuild after each update and never samples stale weights. Writes through `p.data` do
-        not bump it: after one, `FastDecoder._cache.clear()`. Models whose parameters are inference tensors
+        not bump it: after one, call `FastDecoder.clear()`. Models whose parameters are inference tensors
         (created under inference_mode) have no version counter and are rebuilt every call."""
         params = list(model.parameters())
         key = None if any(p.is_inference() for p in params) else tuple((p.data_ptr(), p._version) for p in params)
@@ -289,6 +289,11 @@ class FastDecoder:
         if dec.cos is None or dec.cos.shape[0] < max_len:
             dec._rope_tables(max_len)
         return dec
+
+    @classmethod
+    def clear(cls):
+        """Drop all kept copies (needed only after writing parameters through `p.data`, which no version sees)."""
+        cls._cache.clear()
 
     def _rope_tables(self, max_len: int):
         """cos and sign-folded sin for positions [0, max_len), computed as model.forward does (fp32, then cast)."""

@@ -172,6 +172,14 @@ def test_fast_cpu_decode_never_samples_stale_weights():
     again = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
     assert rollout.FastDecoder._cache[model][1] is not built
     assert [o.token_ids for o in again] == [naive_greedy(model, p, 6) for p in PROMPTS]
+    # the documented limit: a write through .data bumps no version counter, FastDecoder.clear() is the remedy
+    built = rollout.FastDecoder._cache[model][1]
+    model.layers[0].self_attn.q_proj.weight.data.mul_(3.0)
+    generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert rollout.FastDecoder._cache[model][1] is built
+    rollout.FastDecoder.clear()
+    outs = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert [o.token_ids for o in outs] == [naive_greedy(model, p, 6) for p in PROMPTS]
 
 
 def test_greedy_logprobs_are_untempered():
