@@ -435,7 +435,8 @@ class _Engine:
         fsdp = _is_fsdp(model)
         self.static = cfg.cuda_graph and not fsdp
         self.fast = None
-        if FAST_CPU_DECODE and dev.type == "cpu" and not fsdp:
+        # not when the Triton kernels run on CPU tensors (TRITON_INTERPRET=1, how the kernel tests drive them)
+        if FAST_CPU_DECODE and dev.type == "cpu" and not fsdp and not kernels.triton_enabled(w):
             self.fast = FastDecoder.for_model(model, self.max_len)
         self.graph = None
         self.stats = cfg.stats if cfg.stats is not None else {}
