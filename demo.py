@@ -506,7 +506,7 @@ class StudyConfig:
     # SFT -> DAPO_dc branches: from the stable checkpoint of every pool in `branch_pools` (finding 3), and from one
     # checkpoint per sub-phase of the pools in `phase_pools` (finding 2)
     branch_pools: tuple[str, ...] = SFT_POOLS
-    phase_pools: tuple[str, ...] = ("small",)
+    phase_pools: tuple[str, ...] = ("small", "easy")
     branch_phases: tuple[str, ...] = BRANCH_PHASES
     paradigm_pool: str = "large"                   # finding 1: its stable branch is "SFT-then-RL"
     # RL (branches and baselines)

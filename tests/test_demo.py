@@ -366,7 +366,8 @@ def test_study_stages_are_real_driver_invocations(tmp_path):
 
 
 def test_branch_stage_without_its_phase_is_recorded_as_skipped(tmp_path):
-    cfg = demo.StudyConfig(sft_pools=("small",), branch_pools=("small",), paradigm_pool="small", baseline_algos=())
+    cfg = demo.StudyConfig(sft_pools=("small",), branch_pools=("small",), phase_pools=("small",), paradigm_pool="small",
+                           baseline_algos=())
     stages = {s.name: s for s in demo.study_stages(tmp_path, cfg)}
     sft_dir = tmp_path / "runs" / "sft_small"
     sft_dir.mkdir(parents=True)
