@@ -32,35 +32,28 @@ opinion: the fraction of an item's word n-grams that occur in some training prom
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 import tempfile
 import time
-import typing
 import unicodedata
 from contextlib import nullcontext
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+import cli
 import data as D
 import model as M
 import rollout
 import verify
+from cli import opt
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs (one per command); flags are generated from the fields
-
-
-def opt(default=MISSING, help: str = ""):
-    """A config field with its --help text."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(kw_only=True)
@@ -634,39 +627,12 @@ def run_decontaminate(cfg: DecontamConfig) -> dict:
 # Command line (`retu.py data <command> ...`)
 
 
-def _add_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One --flag per config field: bool -> --x/--no-x, list -> nargs, a field without default -> required."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        t, h = hints[f.name], f.metadata.get("help", "")
-        kw = {"dest": f.name, "required": f.default is MISSING and f.default_factory is MISSING}
-        if not kw["required"]:
-            kw["default"] = f.default if f.default is not MISSING else f.default_factory()
-            h = f"{h} (default: {kw['default']!r})"
-        if t is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(t) is list:
-            kw.update(type=typing.get_args(t)[0], nargs="+")
-        else:
-            kw["type"] = t
-        p.add_argument("--" + f.name.replace("_", "-"), help=h.replace("%", "%%"), **kw)
-
-
 RUNNERS = {"dedup": run_dedup, "winrate": run_winrate, "split-difficulty": run_split, "mix": run_mix,
            "filter": run_filter, "decontaminate": run_decontaminate}
 
 
 def parse_args(argv: list[str]) -> tuple[str, object]:
-    parser = argparse.ArgumentParser(prog="retu.py data", description="the paper's data curation commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls in COMMANDS.items():
-        _add_flags(sub.add_parser(name, help=cls.__doc__.split("\n")[0]), cls)
-    args = vars(parser.parse_args(argv))
-    cmd = args.pop("command")
-    try:
-        return cmd, COMMANDS[cmd](**args)
-    except ValueError as e:
-        parser.error(str(e))
+    return cli.parse("retu.py data", "the paper's data curation commands", COMMANDS, argv)
 
 
 def main(argv: list[str]) -> int:

@@ -21,19 +21,18 @@ losses), and the shared modules model.py, rollout.py, losses.py, verify.py, fit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import curate
 import data as D
 import demo
@@ -45,16 +44,10 @@ import rl
 import rollout
 import train as T
 import verify
+from cli import opt
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs (one per subcommand); flags are generated from the fields
-
-
-def opt(default=MISSING, help: str = ""):
-    """A config field with its --help text."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(kw_only=True)
@@ -232,41 +225,9 @@ class DemoConfig:
 COMMANDS = {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "fit": FitConfig, "demo": DemoConfig}
 
 
-def _add_flags(p: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        flag, t, h = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
-        required = f.default is MISSING and f.default_factory is MISSING
-        kw = {"dest": f.name, "help": h, "required": required}
-        if not required:
-            kw["default"] = f.default if f.default is not MISSING else f.default_factory()
-            kw["help"] = f"{h} (default: {kw['default']!r})"
-        if t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(t) is tuple:
-            p.add_argument(flag, type=typing.get_args(t)[0], nargs=len(typing.get_args(t)), **kw)
-        elif typing.get_origin(t) is list:
-            p.add_argument(flag, type=typing.get_args(t)[0], nargs="+", **kw)
-        else:
-            p.add_argument(flag, type=t, **kw)
-
-
 def parse_args(argv: list[str] | None = None):
     """argv -> (command, config instance)."""
-    parser = argparse.ArgumentParser(prog="retu.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls in COMMANDS.items():
-        _add_flags(sub.add_parser(name, help=(cls.__doc__ or name).split("\n")[0]), cls)
-    args = vars(parser.parse_args(argv))
-    cmd = args.pop("command")
-    cls = COMMANDS[cmd]
-    for k, v in args.items():
-        if isinstance(v, list) and typing.get_origin(typing.get_type_hints(cls)[k]) is tuple:
-            args[k] = tuple(v)
-    try:
-        return cmd, cls(**args)
-    except ValueError as e:
-        parser.error(str(e))
+    return cli.parse("retu.py", __doc__.split("\n")[0], COMMANDS, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
