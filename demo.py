@@ -39,10 +39,9 @@ Sizes (default seed, this tokenizer): response tokens per level 21.7 / 49.4 / 79
 for the ChatML frame (the demo passes no instruction: the driver's default would add 16 tokens to every prompt).
 
 The study itself is a list of `Stage`s, each one or more `retu.py` subcommands (the real driver, not a parallel
-toy implementation) or an in-process step such as writing the data. `StageRunner` runs the commands through
-`execute` (a subprocess by default; `retu.py demo` can run them in-process: the quick study took 37 s that way
-against 146 s as subprocesses, on this 2-core machine under load) and skips a stage whose marker file exists, so
-re-running the demo resumes after the last finished stage. The runs:
+toy implementation) or an in-process step such as writing the data, with the stages it needs; stages.py runs
+them (`retu.py demo` on two worker processes, each running commands in-process) and skips a stage whose marker
+file exists, so re-running the demo resumes after the last finished stage. The runs:
   * `sft_{pool}` (+ `eval_sft_{pool}`): pure SFT on each pool, validation loss and a checkpoint every N steps;
   * `branches_{pool}`: fit.sft_subphases labels the checkpoints from the validation loss; one checkpoint per
     sub-phase (adaptive / stable / mild / severe, where present) is chosen and written to branches.json;
@@ -59,10 +58,7 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +67,7 @@ import torch
 
 import fit
 import model as M
+from stages import Stage, StageRunner
 
 # ----------------------------------------------------------------------------------------------------
 # The task: multiplication with partial products
@@ -366,10 +363,13 @@ def tokenizer_corpus(splits: dict[str, list[dict]], per_split: int = 300) -> lis
 
 @dataclass
 class BaseModelConfig:
-    """A Qwen2-shaped model of ~0.6 M parameters (demo-notes.md: learns the 3x2 task in minutes on 2 cores)."""
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 3
+    """A Qwen2-shaped model of ~0.7 M parameters. Depth over width: a product's leading digit depends on a chain of
+    carries, and at the same cost per token 6 layers of width 96 learned the task about twice as fast as
+    demo-notes.md's 3 layers of width 128 (level-1 accuracy 67% vs 17% after 2,000 SFT steps of 16 on the large
+    pool; 8 layers of width 96: 54%, and 35% slower)."""
+    hidden_size: int = 96
+    intermediate_size: int = 288
+    num_layers: int = 6
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 512
@@ -407,76 +407,6 @@ def make_base_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stage runner
-
-@dataclass
-class Stage:
-    name: str                                      # unique; also the marker file's name
-    # a command, or an in-process function returning None or a dict of notes for the marker; a "commands" entry
-    # (a list of commands) is run by the runner afterwards, which is how a stage decides its commands at run time
-    run: Callable[[], dict | None] | list[str]
-    est_s: float = 1.0                             # expected seconds, for the ETA
-
-
-class StageRunner:
-    """Runs stages in order; a finished stage leaves `DIR/stages/<name>.done` (JSON: seconds taken, finish time,
-    its commands) and is skipped when the study is run again, so an interrupted demo resumes where it stopped.
-    `execute(cmd) -> exit code` runs one command; the default is a subprocess, and a caller that is itself the
-    driver can run `retu.py` commands in-process instead (saving the interpreter start-up per command)."""
-
-    def __init__(self, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
-                 execute: Callable[[list[str]], int] | None = None):
-        self.marker_dir = Path(out_dir) / "stages"
-        self.log = log
-        self.execute = execute or (lambda cmd: subprocess.run(cmd).returncode)
-
-    def marker(self, stage: Stage) -> Path:
-        return self.marker_dir / f"{stage.name}.done"
-
-    def is_done(self, stage: Stage) -> bool:
-        return self.marker(stage).exists()
-
-    def run(self, stages: list[Stage]) -> None:
-        names = [s.name for s in stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique: {names}")
-        self.marker_dir.mkdir(parents=True, exist_ok=True)
-        todo = [s for s in stages if not self.is_done(s)]
-        skipped = len(stages) - len(todo)
-        if skipped:
-            self.log(f"[demo] {skipped} of {len(stages)} stages already done, skipped")
-        left_est = sum(s.est_s for s in todo)
-        t_start, est_done = time.time(), 0.0
-        for k, stage in enumerate(todo):
-            elapsed = time.time() - t_start
-            # scale the remaining estimate by how fast the finished stages went compared to their estimates, once
-            # they are a tenth of the work (the first, tiny stages say nothing about the speed of training)
-            speed = elapsed / est_done if est_done >= 0.1 * left_est else 1.0
-            eta = (left_est - est_done) * speed
-            self.log(f"[demo] stage {skipped + k + 1}/{len(stages)} {stage.name} | elapsed {fmt_s(elapsed)} "
-                     f"| ETA {fmt_s(eta)}")
-            t0 = time.time()
-            info = dict((stage.run() or {}) if callable(stage.run) else {"commands": [stage.run]})
-            for cmd in info.get("commands", []):
-                cmd = [str(c) for c in cmd]
-                code = self.execute(cmd)
-                if code != 0:
-                    raise RuntimeError(f"stage {stage.name} failed (exit {code}): {' '.join(cmd)}")
-            info["commands"] = [" ".join(map(str, c)) for c in info.get("commands", [])]
-            record = {"stage": stage.name, "seconds": round(time.time() - t0, 3), "finished": time.time(), **info}
-            tmp = self.marker(stage).with_suffix(".tmp")
-            tmp.write_text(json.dumps(record) + "\n")
-            os.replace(tmp, self.marker(stage))      # the marker appears only once the stage has finished
-            est_done += stage.est_s
-        self.log(f"[demo] all {len(stages)} stages done in {fmt_s(time.time() - t_start)}")
-
-
-def fmt_s(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------
 # The study: every run as a `retu.py` subcommand
 
 RETU = Path(__file__).resolve().parent / "retu.py"
@@ -495,7 +425,9 @@ class StudyConfig:
     instruction: str = ""
     # SFT (one run per pool); validation loss and a checkpoint every `sft_ckpt_every` steps
     sft_pools: tuple[str, ...] = SFT_POOLS
-    sft_steps: int = 600
+    # steps per pool: the small pool overfits long before the others; the large one needs the most steps to learn
+    sft_steps: dict[str, int] = field(default_factory=lambda: {
+        "small": 500, "easy": 1500, "uniform": 1500, "hard": 1500, "large": 2500})
     sft_sequences_per_step: int = 16
     sft_lr: float = 3e-3
     sft_warmup_ratio: float = 0.05
@@ -511,12 +443,14 @@ class StudyConfig:
     paradigm_pool: str = "large"                   # finding 1: its stable branch is "SFT-then-RL"
     # RL (branches and baselines)
     baseline_algos: tuple[str, ...] = BASELINE_ALGOS
-    rl_steps: int = 12
+    rl_steps: int = 16
     rl_prompts_per_step: int = 8
     rl_samples_per_prompt: int = 8
     rl_max_rounds: int = 3                         # DAPO's dynamic sampling: generation rounds per step at most
-    rl_lr: float = 3e-4
-    rl_ckpt_every: int = 3                         # each RL checkpoint is one point of the branch's curve
+    # measured from a level-1 58.8% checkpoint (greedy): 1e-4 for 36 steps left accuracy within noise, 2e-4 for 30
+    # steps too; 3e-4 lost 9 points in 12 steps and 1e-3 collapsed it to 5% (README "Demo")
+    rl_lr: float = 2e-4
+    rl_ckpt_every: int = 4                         # each RL checkpoint is one point of the branch's curve
     max_response_len: int = 112
     # evaluation of every checkpoint on the benchmark file of each of these levels (data/bench/level{k}.jsonl)
     bench_levels: tuple[int, ...] = (1, 2, 3)
@@ -525,6 +459,9 @@ class StudyConfig:
     eval_max_new_tokens: int = 112
 
     def __post_init__(self):
+        missing = [p for p in self.sft_pools if p not in self.sft_steps]
+        if missing:
+            raise ValueError(f"StudyConfig.sft_steps: no step count for pools {missing}")
         for name in ("branch_pools", "phase_pools"):
             bad = [p for p in getattr(self, name) if p not in self.sft_pools]
             if bad:
@@ -538,9 +475,9 @@ class StudyConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> StudyConfig:
-        return cls(seed=seed, sft_steps=6, sft_sequences_per_step=8, sft_ckpt_every=2, sft_log_every=2,
-                   rl_steps=2, rl_prompts_per_step=2, rl_samples_per_prompt=4, rl_max_rounds=1, rl_ckpt_every=1,
-                   max_response_len=48, eval_max_new_tokens=48)
+        return cls(seed=seed, sft_steps=dict.fromkeys(SFT_POOLS, 6), sft_sequences_per_step=8, sft_ckpt_every=2,
+                   sft_log_every=2, rl_steps=2, rl_prompts_per_step=2, rl_samples_per_prompt=4, rl_max_rounds=1,
+                   rl_ckpt_every=1, max_response_len=48, eval_max_new_tokens=48)
 
 
 def retu_cmd(sub: str, **flags) -> list[str]:
@@ -560,7 +497,7 @@ def retu_cmd(sub: str, **flags) -> list[str]:
 def sft_cmd(out: Path, cfg: StudyConfig, pool: str) -> list[str]:
     return retu_cmd("sft", model=out / "base", train=out / "data" / f"sft_{pool}.jsonl", val=out / "data" / "val.jsonl",
                     run_dir=out / "runs" / f"sft_{pool}", seed=cfg.seed, device="cpu",
-                    sequences_per_step=cfg.sft_sequences_per_step, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                    sequences_per_step=cfg.sft_sequences_per_step, max_steps=cfg.sft_steps[pool], lr=cfg.sft_lr,
                     warmup_ratio=cfg.sft_warmup_ratio, val_every=cfg.sft_ckpt_every, save_every=cfg.sft_ckpt_every,
                     max_seq_len=cfg.max_seq_len, tokens_per_microbatch=cfg.tokens_per_microbatch, resume="auto",
                     log_every=cfg.sft_log_every, instruction=cfg.instruction)
@@ -637,13 +574,16 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
     """Every run of the study, in dependency order (a stage only needs the stages before it)."""
     out = Path(out_dir)
     runs = out / "runs"
+    # estimates measured on the 2-core machine (one thread per worker): ~8 ms per SFT sequence, ~1.5 s per evaluated
+    # checkpoint, ~3 s per RL step
+    eval_est_s = 1.5 * cfg.rl_steps / cfg.rl_ckpt_every
+    rl_est_s = 3.0 * cfg.rl_steps + eval_est_s
     stages = []
     for pool in cfg.sft_pools:                     # pure SFT: checkpoints + validation loss, then benchmarks
-        # estimates measured on the 2-core machine (one thread): ~8 ms per SFT sequence, ~2 s per evaluation
-        stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool),
-                            est_s=0.008 * cfg.sft_steps * cfg.sft_sequences_per_step))
-        stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"),
-                            est_s=2 * cfg.sft_steps / cfg.sft_ckpt_every))
+        stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool), needs=("base_model",),
+                            est_s=0.008 * cfg.sft_steps[pool] * cfg.sft_sequences_per_step))
+        stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"), needs=(f"sft_{pool}",),
+                            est_s=1.5 * cfg.sft_steps[pool] / cfg.sft_ckpt_every))
     for pool in cfg.sft_pools:
         phases = cfg.phases(pool)
         if not phases:
@@ -655,7 +595,7 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
             choice = choose_branches(*read_val_curve(sft_dir), saved)
             (sft_dir / "branches.json").write_text(json.dumps(choice, indent=2) + "\n")
             return {"branches": choice["branches"]}
-        stages.append(Stage(f"branches_{pool}", select, est_s=1))
+        stages.append(Stage(f"branches_{pool}", select, est_s=1, needs=(f"sft_{pool}",)))
         for phase in phases:                       # SFT -> DAPO_dc from the checkpoint chosen for this phase
             name = f"dapo_{pool}_{phase}"
 
@@ -665,19 +605,21 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
                     return {"skipped": f"no {phase} checkpoint in {sft_dir.name}"}
                 return {"from_step": chosen[phase], "commands": [
                     rl_cmd(out, cfg, "dapo_dc", checkpoint_hf(sft_dir, chosen[phase]), name), eval_cmd(out, cfg, name)]}
-            stages.append(Stage(name, branch, est_s=1.5 * cfg.rl_steps + 2 * cfg.rl_steps / cfg.rl_ckpt_every))
+            stages.append(Stage(name, branch, est_s=rl_est_s, needs=(f"branches_{pool}",)))
 
         def fit_pool(sft_dir=sft_dir, pool=pool, phases=phases):   # Plasticity-Ceiling fit: SFT run + its branches
             ran = [runs / f"dapo_{pool}_{ph}" for ph in phases if (runs / f"dapo_{pool}_{ph}").is_dir()]
             return {"rl_runs": [r.name for r in ran], "commands": [fit_cmd(sft_dir, ran)]}
-        stages.append(Stage(f"fit_{pool}", fit_pool, est_s=3))
+        stages.append(Stage(f"fit_{pool}", fit_pool, est_s=3,
+                            needs=(f"eval_sft_{pool}", *(f"dapo_{pool}_{ph}" for ph in phases))))
     for algo in cfg.baseline_algos:                # pure RL (GRPO, DAPO_d) and Syn-SFT-RL from the base model
         stages.append(Stage(f"{algo}_base", rl_cmd(out, cfg, algo, out / "base", f"{algo}_base"),
-                            est_s=1.5 * cfg.rl_steps))
-        stages.append(Stage(f"eval_{algo}_base", eval_cmd(out, cfg, f"{algo}_base"),
-                            est_s=2 * cfg.rl_steps / cfg.rl_ckpt_every))
+                            est_s=rl_est_s - eval_est_s, needs=("base_model",)))
+        stages.append(Stage(f"eval_{algo}_base", eval_cmd(out, cfg, f"{algo}_base"), est_s=eval_est_s,
+                            needs=(f"{algo}_base",)))
         # the run's accuracy curve through the same analysis code (fit/report.json "sft"); no branches to fit
-        stages.append(Stage(f"fit_{algo}_base", fit_cmd(runs / f"{algo}_base", []), est_s=1))
+        stages.append(Stage(f"fit_{algo}_base", fit_cmd(runs / f"{algo}_base", []), est_s=1,
+                            needs=(f"eval_{algo}_base",)))
     return stages
 
 
@@ -707,7 +649,8 @@ def prepare_stages(out_dir: str | os.PathLike, data_cfg: DataConfig, model_cfg: 
     def base():
         make_base_model(out / "base", out / "tokenizer", model_cfg)
 
-    return [Stage("data", data, 2.0), Stage("tokenizer", tokenizer, 2.0), Stage("base_model", base, 2.0)]
+    return [Stage("data", data, 2.0), Stage("tokenizer", tokenizer, 2.0, needs=("data",)),
+            Stage("base_model", base, 2.0, needs=("tokenizer",))]
 
 
 def study_config(quick: bool = False, seed: int = 0) -> StudyConfig:

@@ -25,6 +25,7 @@ import numpy as np
 
 import demo
 import fit
+import stages
 
 VERDICTS = ("supported", "not supported", "inconclusive (within noise)")
 Z = 1.96                                           # two-sided 95%
@@ -355,7 +356,7 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
     secs = _marker_seconds(out)
     n = f1["n_problems"]
     md = [f"# RETU at toy scale: report{' (--quick: minimum sizes, the numbers mean nothing)' if quick else ''}", "",
-          f"Study directory `{out}`; {len(secs)} stages, {demo.fmt_s(sum(secs.values()))} of stage time. "
+          f"Study directory `{out}`; {len(secs)} stages, {stages.fmt_s(sum(secs.values()))} of stage time. "
           f"Accuracy is pass@1 on {n} benchmark problems (levels {', '.join(map(str, cfg.bench_levels))}), "
           f"temperature {cfg.eval_temperature}. Noise model: binomial SE of an accuracy (plus-two estimate, never 0); "
           "fit.py's bootstrap SE for an identifiable A_post; a claim x > y is *supported* when x - y > 1.96 "

@@ -42,6 +42,7 @@ import losses
 import model as M
 import rl
 import rollout
+import stages
 import train as T
 import verify
 from cli import opt
@@ -220,6 +221,12 @@ class DemoConfig:
     out: str = opt("runs/demo", "study directory: data, base model, runs, report.md and its figures")
     quick: bool = opt(False, "every stage at its minimum size (a smoke test; the numbers mean nothing)")
     seed: int = opt(0, "seed of the data, the base model and every run")
+    workers: int = opt(2, "worker processes running independent stages at once, one thread each (1: in this process)")
+    worker: bool = opt(False, "internal: serve the stages named on stdin (how --workers starts its processes)")
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
 
 
 COMMANDS = {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "fit": FitConfig, "demo": DemoConfig}
@@ -589,11 +596,19 @@ def run_fit(cfg: FitConfig) -> dict:
 def run_demo(cfg: DemoConfig) -> str:
     """Run (or resume) the study's stages, then write DIR/report.md; returns the report's path."""
     # the toy model's matrices are too small to gain from a second thread: on the 2-core machine --quick took 21 s
-    # with one thread and 38 s with two (and two processes with two threads each thrash the cores)
+    # with one thread and 38 s with two; two one-thread workers use both cores
     torch.set_num_threads(1)
     t0 = time.time()
-    demo.StageRunner(cfg.out, execute=lambda cmd: main(cmd[2:])).run(
-        demo.all_stages(cfg.out, quick=cfg.quick, seed=cfg.seed))
+    plan = demo.all_stages(cfg.out, quick=cfg.quick, seed=cfg.seed)
+    runner = stages.StageRunner(cfg.out, execute=lambda cmd: main(cmd[2:]))
+    if cfg.worker:
+        stages.serve(runner, plan)
+        return ""
+    if cfg.workers > 1:
+        runner.run_parallel(plan, demo.retu_cmd("demo", out=cfg.out, quick=cfg.quick, seed=cfg.seed, worker=True),
+                            workers=cfg.workers)
+    else:
+        runner.run(plan)
     path = demo_report.write_report(cfg.out, demo.study_config(cfg.quick, cfg.seed), quick=cfg.quick)
     print(f"[demo] report: {path} ({time.time() - t0:.0f} s)", flush=True)
     return str(path)
