@@ -132,7 +132,8 @@ class RLConfig(CommonConfig):
     temperature: float = opt(-1.0, "sampling temperature, also divides the training logits (-1: algo default)")
     top_p: float = opt(1.0, "nucleus sampling")
     top_k: int = opt(0, "top-k sampling (0: off)")
-    lr: float = opt(-1.0, "learning rate, constant (-1: algo default: 1e-6; upt 5e-6)")
+    lr: float = opt(-1.0, "learning rate, constant after the warmup (-1: algo default: 1e-6; upt 5e-6)")
+    warmup_steps: int = opt(0, "linear lr warmup over the first N RL steps, (k+1)/N at step k (0: none, the paper's)")
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     weight_decay: float = opt(0.01, "AdamW decoupled weight decay")
     grad_clip: float = opt(1.0, "global gradient-norm clip")
@@ -172,6 +173,8 @@ class RLConfig(CommonConfig):
             self.prompts_per_round = 2 * self.prompts_per_step if self.algo == "dapo" else self.prompts_per_step
         if self.algo != "dapo" and self.prompts_per_round != self.prompts_per_step:
             raise ValueError("--prompts-per-round differs from --prompts-per-step only for --algo dapo")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.prompts_per_step % self.minibatches_per_step:
             raise ValueError("--prompts-per-step must be a multiple of --minibatches-per-step")
         if self.algo in ("luffy", "srft") and self.samples_per_prompt < 2:

@@ -269,8 +269,9 @@ LOGGED = ("clipfrac", "clipfrac_high", "clipfrac_low", "dual_clipfrac", "ratio_m
           "sft_loss", "pg_loss")
 
 
-def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> dict:
-    """Step 3 of the module docstring. Returns the step's training metrics (global)."""
+def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist, lr: float) -> dict:
+    """Step 3 of the module docstring, every mini-batch's update at learning rate `lr`. Returns the step's training
+    metrics (global)."""
     n_mb = cfg.minibatches_per_step
     n_groups = max(r.group for r in rows) + 1
     bounds = [round(i * n_groups / n_mb) for i in range(n_mb + 1)]
@@ -352,7 +353,7 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
             cfg.skip_grad_norm > 0 and gnorm > cfg.skip_grad_norm)
         if not skip:
             for g in optim.param_groups:
-                g["lr"] = cfg.lr
+                g["lr"] = lr
             optim.step()
         optim.zero_grad(set_to_none=True)
         results.append((loss_total, gnorm, skip))
@@ -367,6 +368,13 @@ def train_on_batch(model, ref_model, optim, rows: list[Row], cfg, d: T.Dist) -> 
 
 
 DUMMY_ROWS = [Row(0, [0], [0], None, 0.0)]
+
+
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of RL step `step` (0-based): lr * (step+1)/warmup_steps during the warmup, then lr. Why a
+    warmup at all: Adam's first updates move every weight by about lr whatever its gradient's noise (m/sqrt(v) is
+    +-1 at the first step), a large random move for a small model; the paper's runs use none (lr 1e-6, 7B)."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
 def row_microbatches(mine: list[Row], max_tokens: int, d: T.Dist) -> list[list[Row] | None]:
@@ -429,8 +437,9 @@ def _rl(cfg, d: T.Dist) -> dict:
         t0 = time.time()
         rows, gm, gen_lengths = collect_batch(model, tok, prompts, cfg, state, d, stop_ids)
         t1 = time.time()
+        lr = warmup_lr(cfg.lr, cfg.warmup_steps, state["step"])
         if rows:
-            tm = train_on_batch(model, ref_model, optim, rows, cfg, d)
+            tm = train_on_batch(model, ref_model, optim, rows, cfg, d, lr)
         else:   # DAPO found no informative group at all: nothing to learn from, the step is skipped
             tm = {"loss": 0.0, "grad_norm": 0.0, "skipped_minibatches": cfg.minibatches_per_step, "nonfinite": False}
         t_train = time.time() - t1
@@ -444,7 +453,7 @@ def _rl(cfg, d: T.Dist) -> dict:
         rec = {"kind": "train", "step": state["step"], **gm, **tm, "train_time": t_train, "step_time": dt,
                "gen_tokens_per_s": sum(gen_lengths) / max(gm["gen_time"], 1e-9),
                "train_tokens_per_s": sum(r.length for r in rows) / max(t_train, 1e-9),
-               "step_eflops": step_f / 1e18, "eflops": state["eflops"], "lr": cfg.lr}
+               "step_eflops": step_f / 1e18, "eflops": state["eflops"], "lr": lr}
         log.write(rec)
         log.progress(state["step"], f"reward {gm['reward_mean']:.3f} kept {gm['kept_groups']} rounds "
                                     f"{gm['rounds']} loss {tm['loss']:.4g} gen {gm['gen_time']:.1f}s "

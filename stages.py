@@ -71,7 +71,7 @@ class StageRunner:
     """Runs stages and keeps their markers in `DIR/stages/`. `execute(cmd) -> exit code` runs one command; the
     default is a subprocess, and a caller that is itself the driver runs `retu.py` commands in-process instead."""
 
-    def __init__(self, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
+    def __init__(self, out_dir: str | os.PathLike, log: Callable[[str], None] = lambda s: print(s, flush=True),
                  execute: Callable[[list[str]], int] | None = None):
         self.out_dir = Path(out_dir)
         self.marker_dir = self.out_dir / "stages"
@@ -111,15 +111,16 @@ class StageRunner:
     def run(self, stages: list[Stage]) -> None:
         """All stages not done yet, one after the other in list order."""
         todo = self._todo(stages)
-        left_est = sum(s.est_s for s in todo)
-        t_start, est_done = time.time(), 0.0
+        clock = _Clock(todo)
+        t_start = time.time()
         for k, stage in enumerate(todo):
             elapsed = time.time() - t_start
-            eta = _eta(elapsed, est_done, left_est, workers=1)
+            eta = clock.eta(workers=1)
             self.log(f"[demo] stage {len(stages) - len(todo) + k + 1}/{len(stages)} {stage.name} "
                      f"| elapsed {fmt_s(elapsed)} | ETA {fmt_s(eta)}")
+            clock.start(stage)
             self.run_stage(stage)
-            est_done += stage.est_s
+            clock.finish(stage)
         self.log(f"[demo] all {len(stages)} stages done in {fmt_s(time.time() - t_start)}")
 
     def run_parallel(self, stages: list[Stage], worker_cmd: list[str], workers: int,
@@ -145,7 +146,7 @@ class StageRunner:
             sel.register(p.stdout, selectors.EVENT_READ, i)
         running: dict[int, Stage] = {}
         waiting = list(todo)
-        left_est, est_done = sum(s.est_s for s in todo), 0.0
+        clock = _Clock(todo)
         t_start = last_beat = time.time()
         try:
             while waiting or running:
@@ -156,11 +157,12 @@ class StageRunner:
                     stage = max(ready, key=lambda s: chain[s.name])
                     waiting.remove(stage)
                     running[i] = stage
+                    clock.start(stage)
                     procs[i].stdin.write(stage.name + "\n")
                     procs[i].stdin.flush()
                     self.log(f"[demo] start {stage.name} (worker {i}) | {len(done)}/{len(stages)} done "
                              f"| elapsed {fmt_s(time.time() - t_start)} "
-                             f"| ETA {fmt_s(_eta(time.time() - t_start, est_done, left_est, len(procs)))}")
+                             f"| ETA {fmt_s(clock.eta(len(procs)))}")
                 if not running:
                     raise RuntimeError(f"stages {[s.name for s in waiting]} wait for stages that never finish")
                 for key, _ in sel.select(timeout=min(5.0, heartbeat_s)):
@@ -172,7 +174,7 @@ class StageRunner:
                         raise RuntimeError(f"stage {stage.name} failed: {why}\n--- last lines of {logs[i]}:\n"
                                            + _tail(logs[i], 20))
                     done.add(stage.name)
-                    est_done += stage.est_s
+                    clock.finish(stage)
                     self.log(f"[demo] done  {stage.name} | {len(done)}/{len(stages)} done "
                              f"| elapsed {fmt_s(time.time() - t_start)}")
                 if time.time() - last_beat >= heartbeat_s and running:
@@ -212,12 +214,31 @@ def serve(runner: StageRunner, stages: list[Stage]) -> None:
         reply.write(f"ok {name}\n")
 
 
-def _eta(elapsed: float, est_done: float, left_est: float, workers: int) -> float:
-    # scale the remaining estimate by how fast the finished stages went compared to their estimates, once they are
-    # a tenth of the work (the first, tiny stages say nothing about the speed of training)
-    if est_done >= 0.1 * left_est:
-        return (left_est - est_done) * elapsed / est_done
-    return (left_est - est_done) / workers
+class _Clock:
+    """Time left: the estimates of the stages not finished, scaled by how long the finished stages took against
+    their estimates (once they are a tenth of the work: the first, tiny stages say nothing about the speed of
+    training), less what the running stages have done already, spread over the workers."""
+
+    def __init__(self, todo: list[Stage]):
+        self.left_est = sum(s.est_s for s in todo)
+        self.est_done = self.took = 0.0
+        self.started: dict[str, float] = {}
+        self.est = {s.name: s.est_s for s in todo}
+
+    def start(self, stage: Stage) -> None:
+        self.started[stage.name] = time.time()
+
+    def finish(self, stage: Stage) -> None:
+        self.took += time.time() - self.started.pop(stage.name)
+        self.est_done += stage.est_s
+        self.left_est -= stage.est_s
+
+    def eta(self, workers: int) -> float:
+        scale = self.took / self.est_done if self.est_done >= 0.1 * (self.left_est + self.est_done) else 1.0
+        now = time.time()
+        running = sum(max(0.0, scale * self.est[n] - (now - t0)) for n, t0 in self.started.items())
+        waiting = scale * (self.left_est - sum(self.est[n] for n in self.started))
+        return (waiting + running) / workers
 
 
 def _tail(path: Path, n: int) -> str:

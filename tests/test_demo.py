@@ -318,7 +318,7 @@ def test_study_stages_are_real_driver_invocations(tmp_path):
     assert branches == ({f"dapo_{p}_stable" for p in demo.SFT_POOLS}
                         | {f"dapo_{p}_{ph}" for p in cfg.phase_pools for ph in demo.BRANCH_PHASES})
     assert {f"{a}_base" for a in demo.BASELINE_ALGOS} | {f"fit_{a}_base" for a in demo.BASELINE_ALGOS} <= set(names)
-    assert names.index("fit_small") > names.index("dapo_small_severe") > names.index("sft_large")
+    assert names.index("fit_large") > names.index("dapo_large_severe") > names.index("sft_large")
     commands = [s.run for s in stages if not callable(s.run)]
     commands.append(demo.fit_cmd(tmp_path / "runs" / "sft_small", [tmp_path / "runs" / "dapo_small_stable"]))
     commands.append(demo.rl_cmd(tmp_path, cfg, "dapo_dc", tmp_path / "ckpt", "x"))
@@ -427,7 +427,7 @@ def test_quick_demo_runs_every_stage_and_resumes(quick_demo, capsys):
     for run in [f"sft_{p}" for p in cfg.sft_pools] + [f"{a}_base" for a in cfg.baseline_algos]:
         report = json.loads((quick_demo / "runs" / run / "fit" / "report.json").read_text())
         assert report["sft"], run
-    rows = json.loads((quick_demo / "runs" / "sft_small" / "fit" / "report.json").read_text())["rows"]
+    rows = json.loads((quick_demo / "runs" / "sft_large" / "fit" / "report.json").read_text())["rows"]
     assert len(rows) >= 2                          # finding 2 has branches from at least two sub-phases
 
 

@@ -117,6 +117,15 @@ def test_rl_logged_flops_come_from_the_actual_lengths(toy, monkeypatch):
     assert recs[-1]["eflops"] == pytest.approx(sum(r["step_eflops"] for r in recs), rel=1e-12)
 
 
+def test_rl_warmup_ramps_the_learning_rate(toy):
+    assert [rl.warmup_lr(1e-3, 4, k) for k in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert rl.warmup_lr(1e-3, 0, 0) == 1e-3
+    assert retu.main(rl_args(toy, "grpo", "warm", steps=3, warmup_steps=2, save_every=100)) == 0
+    assert [r["lr"] for r in records(toy[2] / "warm")] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    with pytest.raises(SystemExit):
+        retu.parse_args(rl_args(toy, "grpo", "x", warmup_steps=-1))
+
+
 def test_kl_reference_only_when_its_coefficient_is_set(toy):
     assert retu.main(rl_args(toy, "grpo", "kl", steps=2, kl_coef=0.05, save_every=100)) == 0
     recs = records(toy[2] / "kl")

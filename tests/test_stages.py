@@ -116,3 +116,19 @@ def test_parallel_runner_stops_on_a_failed_stage_with_its_log(tmp_path):
     assert not (tmp_path / "stages" / "short2.done").exists() and not (tmp_path / "stages" / "after.done").exists()
     assert (tmp_path / "stages" / "prep.done").exists()
     assert time.time() - t0 < 60
+
+
+def test_eta_scales_estimates_by_measured_speed(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(S.time, "time", lambda: now[0])
+    a, b, c = S.Stage("a", list, 10), S.Stage("b", list, 10), S.Stage("c", list, 20)
+    clock = S._Clock([a, b, c])
+    assert clock.eta(workers=2) == 20.0                             # nothing measured yet: estimates / workers
+    clock.start(a)
+    now[0] = 20.0
+    clock.finish(a)                                                 # took twice its estimate
+    assert clock.eta(workers=1) == 60.0                             # 2 x (10 + 20)
+    clock.start(b)
+    now[0] = 25.0                                                   # b (expected 20 s at this speed) 5 s in
+    assert clock.eta(workers=1) == 15.0 + 40.0
+    assert clock.eta(workers=2) == 27.5
