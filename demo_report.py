@@ -108,9 +108,12 @@ class FitOutput:
         return {int(r["sft_step"]): r for r in self.report["rows"]}
 
     def ceiling(self, row: dict) -> Estimate:
-        """A branch's A_post with its bootstrap SE when the fit is identifiable, else its final accuracy."""
+        """A branch's A_post with its bootstrap SE when the fit is identifiable, else its final accuracy. The SE of
+        a fitted ceiling is at least the binomial SE of an accuracy at that level: a bootstrap over a flat curve
+        (every point 0, say) gives 0, but each point is a measurement on n_problems with that noise."""
         if row["status"] == "ok" and row.get("A_se") is not None and math.isfinite(row["A_se"]):
-            return Estimate(row["A_post"], row["A_se"], "A_post (fit)")
+            floor = binomial_se(min(max(row["A_post"], 0.0), 100.0), self.n_problems)
+            return Estimate(row["A_post"], max(row["A_se"], floor), "A_post (fit)")
         return Estimate(row["y"][-1], binomial_se(row["y"][-1], self.n_problems), "final accuracy")
 
 
@@ -296,8 +299,11 @@ def plot_finding2(f2: dict, path: Path) -> Path:
         psft = [p["phases"][ph][1]["P_sft"] for ph in names]
         pos = np.arange(len(names))
         ax_r.bar(pos, psft, 0.6, color="#4c72b0", label="P_sft")
-        ax_r.bar(pos, [e.value - s for e, s in zip(est, psft)], 0.6, bottom=psft, color="#dd8452",
-                 label="ceiling - P_sft")
+        # what RL added above P_sft, or (hatched, over the P_sft bar) what it lost
+        ax_r.bar(pos, [max(0.0, e.value - s) for e, s in zip(est, psft)], 0.6, bottom=psft, color="#dd8452",
+                 label="RL gain: ceiling - P_sft")
+        ax_r.bar(pos, [max(0.0, s - e.value) for e, s in zip(est, psft)], 0.6, bottom=[e.value for e in est],
+                 color="white", hatch="///", edgecolor="#c44e52", label="RL loss: P_sft - ceiling")
         ax_r.errorbar(pos, [e.value for e in est], yerr=[Z * e.se for e in est], fmt="none", ecolor="k", capsize=3)
         ax_r.set_xticks(pos, [f"{ph}\n{'fit' if e.source.startswith('A_post') else 'final'}"
                               for ph, e in zip(names, est)], fontsize=8)

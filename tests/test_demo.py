@@ -1,6 +1,7 @@
 """Tests of demo.py: the synthetic task, its splits, the tokenizer, the base checkpoint and the stage runner."""
 import importlib.util
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -474,3 +475,19 @@ def test_finding1_verdict_follows_the_numbers(tmp_path, branch_acc, base_acc, ve
     seq, base = f1["entries"][1]["est"], f1["entries"][2]["est"]
     assert (seq.value, base.value) == (branch_acc, base_acc)
     assert f1["entries"][2]["z"] == pytest.approx((branch_acc - base_acc) / (seq.se ** 2 + base.se ** 2) ** 0.5)
+
+
+def test_fitted_ceiling_se_is_at_least_binomial(tmp_path):
+    fit_dir = tmp_path / "sft_x" / "fit"
+    fit_dir.mkdir(parents=True)
+    (fit_dir / "report.json").write_text(json.dumps({"sft": [], "rows": []}))
+    (fit_dir / "input.json").write_text(json.dumps({"bench_sizes": {"a": 80, "b": 160}}))
+    out = demo_report.FitOutput(tmp_path / "sft_x")
+    assert out.n_problems == 240
+    # a flat curve's bootstrap SE is 0; the floor is the plus-two binomial SE at 0.4% of 240: q = 1.96/242
+    est = out.ceiling({"status": "ok", "A_post": 0.4, "A_se": 0.0, "y": [0.0]})
+    q = (0.004 * 240 + 1) / 242
+    assert est.se == pytest.approx(100 * math.sqrt(q * (1 - q) / 242)) and est.source == "A_post (fit)"
+    assert out.ceiling({"status": "ok", "A_post": 40.0, "A_se": 9.0, "y": [0.0]}).se == 9.0   # above the floor
+    est = out.ceiling({"status": "not identifiable", "A_post": 146.5, "A_se": None, "y": [10.0, 12.1]})
+    assert (est.value, est.source) == (12.1, "final accuracy")
