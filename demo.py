@@ -1,8 +1,8 @@
 """demo.py -- the toy-scale RETU study's ingredients: a synthetic math task, its data splits, a tokenizer, a tiny
-Qwen2 base model, and a resumable stage runner for `retu.py demo`.
+Qwen2 base model, and the study's stages for `retu.py demo` (run by stages.py).
 
 The paper post-trains Qwen2.5-7B on R1-style math trajectories. On a 2-core CPU the same study runs on a
-~0.6 M-parameter Qwen2-shaped model and a synthetic task on which `../shared/reference/demo-notes.md` measured
+~0.7 M-parameter Qwen2-shaped model and a synthetic task on which `../shared/reference/demo-notes.md` measured
 such a model neither at 0% nor at 100% after minutes of SFT: multi-digit multiplication written as partial
 products and their running sum, the answer in `\\boxed{}`:
 
@@ -366,7 +366,7 @@ class BaseModelConfig:
     """A Qwen2-shaped model of ~0.7 M parameters. Depth over width: a product's leading digit depends on a chain of
     carries, and at the same cost per token 6 layers of width 96 learned the task about twice as fast as
     demo-notes.md's 3 layers of width 128 (level-1 accuracy 67% vs 17% after 2,000 SFT steps of 16 on the large
-    pool; 8 layers of width 96: 54%, and 35% slower)."""
+    pool; 8 layers of width 96: 54%, and slower)."""
     hidden_size: int = 96
     intermediate_size: int = 288
     num_layers: int = 6
