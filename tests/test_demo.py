@@ -447,6 +447,24 @@ def test_quick_demo_report_structure(quick_demo):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
+def test_quick_demo_does_not_depend_on_the_number_of_workers(quick_demo, tmp_path):
+    """One process running every stage in turn (--workers 1) gives the numbers two workers gave: nothing leaks
+    between stages that share a process (RNG state, caches), and the schedule does not matter."""
+    one = tmp_path / "one"
+    assert retu.main(["demo", "--quick", "--out", str(one), "--workers", "1"]) == 0
+    keys = ("loss", "val_loss", "grad_norm", "reward_mean", "response_len_mean", "kept_groups", "eflops")
+    runs = sorted(p.name for p in (quick_demo / "runs").iterdir())
+    assert runs == sorted(p.name for p in (one / "runs").iterdir()) and len(runs) >= 15
+    for run in runs:
+        got = []
+        for d in (quick_demo, one):
+            recs = [r for r in map(json.loads, open(d / "runs" / run / "metrics.jsonl")) if r["kind"] != "config"]
+            evals = [json.loads(line) for line in open(d / "runs" / run / "eval.jsonl")]
+            got.append(([{k: r[k] for k in keys if k in r} for r in recs], [(e["step"], e["scores"]) for e in evals]))
+        assert got[0] == got[1], run
+        assert got[0][0], run
+
+
 def _fake_fit(run_dir, sft, rows=(), n=240):
     """A `retu.py fit` output directory with the given curve and branch rows (what demo_report reads)."""
     (run_dir / "fit").mkdir(parents=True)
