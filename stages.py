@@ -19,6 +19,7 @@ import selectors
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,6 @@ def serve(runner: StageRunner, stages: list[Stage]) -> None:
         try:
             runner.run_stage(by_name[name])
         except Exception as e:                     # reported to the parent, which stops the study with it
-            import traceback
             traceback.print_exc()
             sys.stderr.flush()
             reply.write(f"failed {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n")
