@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -463,6 +464,22 @@ def test_quick_demo_does_not_depend_on_the_number_of_workers(quick_demo, tmp_pat
             got.append(([{k: r[k] for k in keys if k in r} for r in recs], [(e["step"], e["scores"]) for e in evals]))
         assert got[0] == got[1], run
         assert got[0][0], run
+
+
+def test_report_is_recomputable_with_retu_fit(quick_demo, tmp_path):
+    """Every `retu.py fit` command the report cites, re-run on a copy of the study (its fit outputs deleted first),
+    gives back the same report, number for number."""
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_demo, copy)
+    text = (quick_demo / "report.md").read_text()
+    commands = sorted(set(re.findall(r"`python retu\.py (fit [^`]+)`", text)))
+    assert len(commands) >= 6
+    for command in commands:
+        args = command.replace(str(quick_demo), str(copy)).split()
+        shutil.rmtree(Path(args[args.index("--run-dir") + 1]) / "fit")
+        assert retu.main(args) == 0
+    demo_report.write_report(copy, demo.StudyConfig.quick(), quick=True)
+    assert (copy / "report.md").read_text().replace(str(copy), str(quick_demo)) == text
 
 
 def _fake_fit(run_dir, sft, rows=(), n=240):
