@@ -35,7 +35,8 @@ and the ChatML special tokens; `tokenizer_config.json` carries a ChatML chat tem
 Qwen's chat models do.
 
 Sizes (default seed, this tokenizer): response tokens per level 21.7 / 49.4 / 79.9 (max 22 / 53 / 89) in style
-"compact", about 45 / 92 / 144 (max 47 / 103 / 164) in style "digits"; the problem text 10.5-12.6 tokens, plus 8
+"compact", about 45 / 92 / 144 (max 47 / 103 / 164) in style "digits" (the default data mixes the two half and
+half); the problem text 10.5-12.6 tokens, plus 8
 for the ChatML frame (the demo passes no instruction: the driver's default would add 16 tokens to every prompt).
 
 The study itself is a list of `Stage`s, each one or more `retu.py` subcommands (the real driver, not a parallel
@@ -133,8 +134,9 @@ def expert_trajectory(a: int, b: int, style: str = "compact") -> str:
     """R1-style worked solution: one partial product per non-zero digit of b (lowest place first), a running sum,
     then the answer in \\boxed{}. No spaces inside the arithmetic: each costs a token and carries nothing.
     style "digits" first works each partial product out digit by digit with carries: about twice the tokens, but
-    every step is a one-digit fact plus a carry, the style in which demo-notes.md's addition task was learned in
-    80 s. A tuning option for the demo; not calibrated against "compact" yet."""
+    every step is a one-digit fact plus a carry. For the demo's model it is the more reliable of the two (trained on
+    both, its greedy answers in this style were right 100% / 55-72% / 23-29% of the time on levels 1 / 2 / 3,
+    against 61-79% / 23-49% / 12-29% in the compact style): the two-pattern data that RL can choose from."""
     if style not in STYLES:
         raise ValueError(f"trajectory style {style!r}: expected one of {STYLES}")
     lines, partials = [], []
@@ -165,7 +167,12 @@ def problem_text(a: int, b: int, template: int) -> str:
 @dataclass
 class DataConfig:
     seed: int = 0
-    style: str = "compact"                         # expert trajectory style: compact | digits (see expert_trajectory)
+    # expert trajectory style: compact | digits (see expert_trajectory) | mixed: each trajectory digits with
+    # probability digits_share, else compact. Mixed is the default: like R1-style data, the expert trajectories
+    # carry two reasoning patterns of different reliability, SFT imitates both, and RL can learn to prefer the one
+    # that gets rewarded more often (README "Demo": that is where the demo's RL gains come from)
+    style: str = "mixed"
+    digits_share: float = 0.5
     # level -> (digits of the larger factor, digits of the multiplier)
     levels: dict[int, tuple[int, int]] = field(default_factory=lambda: {1: (3, 1), 2: (3, 2), 3: (3, 3)})
     # level mixtures (weights, normalised) of each SFT pool; the natural distribution is uniform over levels
@@ -181,8 +188,10 @@ class DataConfig:
     bench_size: int = 80                           # problems per level in each benchmark file
 
     def __post_init__(self):
-        if self.style not in STYLES:
-            raise ValueError(f"DataConfig.style {self.style!r}: expected one of {STYLES}")
+        if self.style not in (*STYLES, "mixed"):
+            raise ValueError(f"DataConfig.style {self.style!r}: expected one of {(*STYLES, 'mixed')}")
+        if not 0.0 <= self.digits_share <= 1.0:
+            raise ValueError(f"DataConfig.digits_share {self.digits_share}: expected a fraction in [0, 1]")
         for lv, digits in self.levels.items():
             try:
                 level_space_size(digits)           # validates the digit counts
@@ -195,7 +204,7 @@ class DataConfig:
                                  f"with a positive total, levels among {sorted(self.levels)}")
 
     @classmethod
-    def quick(cls, seed: int = 0, style: str = "compact") -> DataConfig:
+    def quick(cls, seed: int = 0, style: str = "mixed") -> DataConfig:
         """Minimum sizes that still exercise every split (`retu.py demo --quick`)."""
         mixes = cls().pools
         return cls(seed=seed, style=style, pools={k: (min(v[0], 64), v[1]) for k, v in mixes.items()},
@@ -236,6 +245,14 @@ def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
         order[lv] = np.random.default_rng([cfg.seed, lv]).permutation(space)[: demand[lv]]
 
     rng = random.Random(cfg.seed)
+    style_rng = random.Random(cfg.seed + 1)       # its own stream: the problems and phrasings never depend on style
+
+    def trajectory(a: int, b: int) -> str:
+        style = cfg.style
+        if style == "mixed":
+            style = "digits" if style_rng.random() < cfg.digits_share else "compact"
+        return expert_trajectory(a, b, style)
+
     splits: dict[str, list[dict]] = {}
     for fname, kind, counts in plan:
         records = []
@@ -247,9 +264,9 @@ def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
                 if kind == "bench":
                     records.append({"problem": text, "answer": answer})
                 elif kind == "rl":
-                    records.append({"prompt": text, "answer": answer, "response": expert_trajectory(a, b, cfg.style)})
+                    records.append({"prompt": text, "answer": answer, "response": trajectory(a, b)})
                 else:
-                    records.append({"prompt": text, "response": expert_trajectory(a, b, cfg.style)})
+                    records.append({"prompt": text, "response": trajectory(a, b)})
             taken[lv] += counts[lv]
         rng.shuffle(records)                       # levels interleaved, as a real data set would be
         splits[fname] = records
@@ -427,7 +444,7 @@ class StudyConfig:
     sft_pools: tuple[str, ...] = SFT_POOLS
     # steps per pool: the small pool overfits long before the others; the large one needs the most steps to learn
     sft_steps: dict[str, int] = field(default_factory=lambda: {
-        "small": 500, "easy": 1500, "uniform": 1500, "hard": 1500, "large": 2500})
+        "small": 400, "easy": 1000, "uniform": 1000, "hard": 1000, "large": 2000})
     sft_sequences_per_step: int = 16
     sft_lr: float = 3e-3
     sft_warmup_ratio: float = 0.05
@@ -449,17 +466,17 @@ class StudyConfig:
     rl_prompts_per_step: int = 8
     rl_samples_per_prompt: int = 8
     rl_max_rounds: int = 3                         # DAPO's dynamic sampling: generation rounds per step at most
-    # no learning rate we tried makes RL gain beyond noise in this budget (README "Demo"): from the large pool's last
-    # checkpoint (greedy overall 39.6%), 16 steps at 5e-5 ended at 37.9%, at 2e-4 at 31.2%; from a weaker one 1e-3
-    # collapsed accuracy within 20 steps. 5e-5 is the least harmful.
-    rl_lr: float = 5e-5
+    # measured on the large pool's SFT run (README "Demo"): 16 steps at 1e-4 took step 2000 from 42.9% to 56.7%
+    # overall (level 1 76% -> 96%), step 2500 from 58.3% to 61.7%; on compact-only data no rate gained (2e-4 and up
+    # lost accuracy, 1e-3 collapsed it)
+    rl_lr: float = 1e-4
     rl_ckpt_every: int = 4                         # each RL checkpoint is one point of the branch's curve
-    max_response_len: int = 112
+    max_response_len: int = 176                    # the longest expert trajectory (3x3, digits style) is 164
     # evaluation of every checkpoint on the benchmark file of each of these levels (data/bench/level{k}.jsonl)
     bench_levels: tuple[int, ...] = (1, 2, 3)
     eval_temperature: float = 0.0                  # greedy: checkpoints differ by what they learned, not by luck
     eval_samples_per_prompt: int = 1
-    eval_max_new_tokens: int = 112
+    eval_max_new_tokens: int = 176
 
     def __post_init__(self):
         missing = [p for p in self.sft_pools if p not in self.sft_steps]
@@ -660,7 +677,7 @@ def study_config(quick: bool = False, seed: int = 0) -> StudyConfig:
     return StudyConfig.quick(seed) if quick else StudyConfig(seed=seed)
 
 
-def all_stages(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0, style: str = "compact",
+def all_stages(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0, style: str = "mixed",
                prepare_only: bool = False) -> list[Stage]:
     """The demo's stages: preparation, then (unless prepare_only) every run of the study. `retu.py demo` runs
     these through a StageRunner and then writes the report (demo_report.py)."""
@@ -678,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="minimum sizes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--style", default="compact", choices=STYLES, help="expert trajectory style")
+    p.add_argument("--style", default="mixed", choices=(*STYLES, "mixed"), help="expert trajectory style")
     p.add_argument("--prepare-only", action="store_true", help="write data, tokenizer and base model only")
     args = p.parse_args(argv)
     StageRunner(args.out).run(all_stages(args.out, quick=args.quick, seed=args.seed, style=args.style,

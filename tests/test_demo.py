@@ -155,6 +155,7 @@ def test_splits_are_disjoint_and_complete(splits):
 
 
 def test_record_formats_and_gold(splits):
+    styles = {"compact": 0, "digits": 0}
     for fname, recs in splits.items():
         want = ({"problem", "answer"} if fname.startswith("bench/") else
                 {"prompt", "answer", "response"} if fname == "rl.jsonl" else {"prompt", "response"})
@@ -164,12 +165,20 @@ def test_record_formats_and_gold(splits):
             gold = rec.get("answer", str(a * b))
             assert gold == str(a * b)
             if "response" in rec:
-                assert rec["response"] == demo.expert_trajectory(a, b)
+                # the default data mixes the two styles
+                style = next(s for s in styles if rec["response"] == demo.expert_trajectory(a, b, s))
+                styles[style] += 1
                 assert boxed(rec["response"]) == gold
-                # every line of arithmetic is true
+                # every line of arithmetic is true (x*y, x+y, and the digits style's x*y+carry)
                 for lhs, rhs in re.findall(r"^([\d*+]+)=(\d+)$", rec["response"], flags=re.M):
-                    x, op, y = re.match(r"(\d+)([*+])(\d+)", lhs).groups()
-                    assert (int(x) * int(y) if op == "*" else int(x) + int(y)) == int(rhs)
+                    assert sum(math.prod(map(int, term.split("*"))) for term in lhs.split("+")) == int(rhs), lhs
+    n = sum(styles.values())
+    assert n == 199 + 1024 + 256 + 2048 * 3 + 8192
+    assert abs(styles["digits"] / n - 0.5) < 0.02, styles           # digits_share 0.5; the SE here is 0.0045
+    compact = demo.build_splits(demo.DataConfig(style="compact"))
+    for fname, recs in splits.items():                                # styles never change problems or phrasings
+        assert [r.get("prompt", r.get("problem")) for r in recs] == [
+            r.get("prompt", r.get("problem")) for r in compact[fname]]
 
 
 def test_held_out_splits_do_not_depend_on_pool_sizes(splits):
