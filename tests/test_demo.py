@@ -196,6 +196,10 @@ def test_bad_data_config_is_a_clear_error():
         demo.DataConfig(pools={"x": (10, {4: 1})})
     with pytest.raises(ValueError, match=r"levels\[1\] = \(1, 2\): .*first factor must have at least as many digits"):
         demo.DataConfig(levels={1: (1, 2)})
+    with pytest.raises(ValueError, match=r"digits_share 1.5: expected a fraction in \[0, 1\]"):
+        demo.DataConfig(digits_share=1.5)
+    with pytest.raises(ValueError, match=r"DataConfig.style 'fancy': expected one of \('compact', 'digits', 'mixed'\)"):
+        demo.DataConfig(style="fancy")
 
 
 def test_written_files_read_back(prepared):
