@@ -435,7 +435,8 @@ def test_quick_demo_runs_every_stage_and_resumes(quick_demo, capsys):
     for run in runs:
         d = quick_demo / "runs" / run
         recs = [json.loads(line) for line in open(d / "metrics.jsonl")]
-        steps = cfg.sft_steps[run.removeprefix("sft_")] if run.startswith("sft_") else cfg.rl_steps
+        steps = (cfg.sft_steps[run.removeprefix("sft_")] if run.startswith("sft_") else
+                 cfg.baseline_rl_steps if run.endswith("_base") else cfg.rl_steps)
         assert sum(r["kind"] == "train" for r in recs) == steps
         evals = [json.loads(line) for line in open(d / "eval.jsonl")]
         assert evals and all(set(e["scores"]) == {"level1", "level2", "level3"} for e in evals), run
