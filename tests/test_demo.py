@@ -165,20 +165,26 @@ def test_record_formats_and_gold(splits):
             gold = rec.get("answer", str(a * b))
             assert gold == str(a * b)
             if "response" in rec:
-                # the default data mixes the two styles
+                assert rec["response"] == demo.expert_trajectory(a, b)
+                assert boxed(rec["response"]) == gold
+                # every line of arithmetic is true
+                for lhs, rhs in re.findall(r"^([\d*+]+)=(\d+)$", rec["response"], flags=re.M):
+                    assert sum(math.prod(map(int, term.split("*"))) for term in lhs.split("+")) == int(rhs), lhs
+    mixed = demo.build_splits(demo.DataConfig(style="mixed"))
+    for fname, recs in mixed.items():
+        # styles never change the problems or their phrasings
+        assert [r.get("prompt", r.get("problem")) for r in recs] == [
+            r.get("prompt", r.get("problem")) for r in splits[fname]]
+        for rec in recs:
+            if "response" in rec:
+                a, b = demo.record_factors(rec)
                 style = next(s for s in styles if rec["response"] == demo.expert_trajectory(a, b, s))
                 styles[style] += 1
-                assert boxed(rec["response"]) == gold
-                # every line of arithmetic is true (x*y, x+y, and the digits style's x*y+carry)
                 for lhs, rhs in re.findall(r"^([\d*+]+)=(\d+)$", rec["response"], flags=re.M):
                     assert sum(math.prod(map(int, term.split("*"))) for term in lhs.split("+")) == int(rhs), lhs
     n = sum(styles.values())
     assert n == 199 + 1024 + 256 + 2048 * 3 + 8192
     assert abs(styles["digits"] / n - 0.5) < 0.02, styles           # digits_share 0.5; the SE here is 0.0045
-    compact = demo.build_splits(demo.DataConfig(style="compact"))
-    for fname, recs in splits.items():                                # styles never change problems or phrasings
-        assert [r.get("prompt", r.get("problem")) for r in recs] == [
-            r.get("prompt", r.get("problem")) for r in compact[fname]]
 
 
 def test_held_out_splits_do_not_depend_on_pool_sizes(splits):
