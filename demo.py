@@ -524,7 +524,8 @@ def sft_cmd(out: Path, cfg: StudyConfig, pool: str) -> list[str]:
                     log_every=cfg.sft_log_every, instruction=cfg.instruction)
 
 
-def rl_cmd(out: Path, cfg: StudyConfig, algo: str, model_dir: Path, run_name: str, steps: int = 0) -> list[str]:
+def rl_cmd(out: Path, cfg: StudyConfig, algo: str, model_dir: Path, run_name: str,
+           steps: int | None = None) -> list[str]:
     """DAPO_dc (the paper's SFT-then-RL algorithm) for algo "dapo_dc"; the paper's Sec. 6.1 settings otherwise."""
     extra = {"eps_high": 0.28} if algo == "dapo_dc" else {}
     if algo in ("dapo", "dapo_dc"):
@@ -532,7 +533,7 @@ def rl_cmd(out: Path, cfg: StudyConfig, algo: str, model_dir: Path, run_name: st
     return retu_cmd("rl", algo="dapo" if algo == "dapo_dc" else algo, model=model_dir,
                     train=out / "data" / "rl.jsonl", run_dir=out / "runs" / run_name, seed=cfg.seed, device="cpu",
                     prompts_per_step=cfg.rl_prompts_per_step, samples_per_prompt=cfg.rl_samples_per_prompt,
-                    steps=steps or cfg.rl_steps, lr=cfg.rl_lr, save_every=cfg.rl_ckpt_every,
+                    steps=cfg.rl_steps if steps is None else steps, lr=cfg.rl_lr, save_every=cfg.rl_ckpt_every,
                     max_response_len=cfg.max_response_len, tokens_per_microbatch=cfg.tokens_per_microbatch,
                     resume="auto", instruction=cfg.instruction, **extra)
 

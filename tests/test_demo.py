@@ -532,6 +532,12 @@ def test_finding1_verdict_follows_the_numbers(tmp_path, branch_acc, base_acc, ve
     assert f1["entries"][2]["z"] == pytest.approx((branch_acc - base_acc) / (seq.se ** 2 + base.se ** 2) ** 0.5)
 
 
+def test_demo_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        retu.parse_args(["demo", "--workers", "0"])
+    assert e.value.code == 2 and "--workers must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_fitted_ceiling_se_is_at_least_binomial(tmp_path):
     fit_dir = tmp_path / "sft_x" / "fit"
     fit_dir.mkdir(parents=True)
