@@ -28,8 +28,10 @@ The design follows nano-vllm and gpt-fast, minus paging:
   torch path that reuses one additive length mask for all layers of a step.
 * **CPU decode step** (`FastDecoder`, on unless `FAST_CPU_DECODE = False`; not under FSDP): at a small batch a
   CPU step is bound by per-op overhead and small GEMMs, so the step runs from copies of the weights with q/k/v
-  and gate/up fused and every matrix pre-transposed, in fewer ops. The copies are kept per model
-  and rebuilt whenever a parameter changed in place (version counters), so RL never samples stale weights.
+  and gate/up fused and every matrix pre-transposed, in fewer ops; for 2-16 slots in fp32 the matrices are
+  packed by MKL for the slot count instead (`PACKED_GEMM`), and each decode forward computes every slot (free
+  ones ride along, their rows dropped before sampling). The copies are kept per model and rebuilt whenever a
+  parameter changed in place (version counters), so RL never samples stale weights.
 * **CUDA graphs** (`cuda_graph=True`, off by default until measured on a GPU): every step runs all slots at
   the full cache length, so its shapes never change and it is captured once per call and replayed.
 * **Sampling on device**: temperature, then top-k, then top-p (the order of vLLM and HF), then inverse-CDF
@@ -221,6 +223,13 @@ class KVCache:
 # Decode through `FastDecoder` on CPU for models that are not FSDP-wrapped (tests switch it off to cover the
 # model-forward path, which CUDA and FSDP use).
 FAST_CPU_DECODE: bool = True
+# FastDecoder's fp32 GEMMs through MKL's packed sgemm (torch.ops.mkl._mkl_linear, the op inductor uses for frozen
+# fp32 linears on CPU) when the decode batch is PACK_ROWS[0]..PACK_ROWS[1] rows: each weight is packed once for
+# that row count, so no call re-packs it. Measured on the 2-core dev CPU, the 24 layers' GEMMs of the 0.5B shape
+# (weights out of cache): 66 ms at 4 rows against 81 ms for `x @ W_t` (89 vs 116 ms at 16 rows); at one row
+# `x @ W_t` is a GEMV and faster. Off where torch was built without MKL (then `x @ W_t` everywhere).
+PACKED_GEMM: bool = torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear")
+PACK_ROWS = (2, 16)
 
 
 class FastDecoder:
@@ -233,21 +242,26 @@ class FastDecoder:
     * the residual adds ride in the GEMMs (`addmm(x, o, W_o)`), RoPE is `x * cos + roll(x, D/2) * sin'` with
       sin' = (-sin, sin) read from a table, K and V are written into the cache with one `index_copy_`.
 
+    * with `rows` in PACK_ROWS and fp32 weights, the matrices are instead packed by MKL for exactly `rows` rows
+      (see PACKED_GEMM), and every step must then compute that many rows (the engine runs all its slots).
+
     A tiny-shape step makes 740 aten calls (nested ones and views included) instead of 1,049 through
     model.forward. Numerics: the operations of `model.py` in the model dtype, except that RMSNorm is `F.rms_norm`
     (it multiplies by the weight before rounding to a low-precision dtype, HF after) and the GEMMs round
     differently; log-probs agree with a full forward to 1e-5 in fp32 (tested). The copies cost one more model's
-    worth of memory and take ~1.4 s to build for a 0.5B fp32 model; `for_model` keeps them between calls while
-    the weights are unchanged and rebuilds them after any in-place update (see there).
+    worth of memory transposed, ~1.5x that packed (`nbytes`), and take 1.3-1.6 s to build for a 0.5B fp32 model;
+    `for_model` keeps them between calls while the weights and the row count are unchanged and rebuilds them after
+    any in-place update (see there).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, rows: int = 0):
         c = model.config
         self.nh, self.nkv, self.hd, self.eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         self.hidden, self.inter = c.hidden_size, c.intermediate_size
         self.inv_freq = model.inv_freq
         self.cos = self.sin = None
-        t = lambda w: w.detach().t().contiguous()  # noqa: E731  (out, in) -> (in, out)
+        self.rows = self.packed_rows(model, rows)
+        prep = self._pack if self.rows else lambda w: w.detach().t().contiguous()  # (out, in) -> (in, out)
         self.layers = []
         for blk in model.layers:
             a, m = blk.self_attn, blk.mlp
@@ -256,21 +270,49 @@ class FastDecoder:
             if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm weights of the q heads, then of the k heads
                 qk_norm = torch.cat([a.q_norm.weight.expand(self.nh, -1), a.k_norm.weight.expand(self.nkv, -1)])
             self.layers.append(dict(
-                ln1=blk.input_layernorm.weight.detach(), w_qkv=t(torch.cat([p.weight for p in qkv])),  # (H, Q+2K)
+                ln1=blk.input_layernorm.weight.detach(), w_qkv=prep(torch.cat([p.weight for p in qkv])),
                 b_qkv=None if a.q_proj.bias is None else torch.cat([p.bias for p in qkv]).detach(),
                 qk_norm=None if qk_norm is None else qk_norm.detach(),                                # (nh+nkv, D)
-                w_o=t(a.o_proj.weight), b_o=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
+                w_o=prep(a.o_proj.weight), b_o=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
                 ln2=blk.post_attention_layernorm.weight.detach(),
-                w_gu=t(torch.cat([m.gate_proj.weight, m.up_proj.weight])), w_down=t(m.down_proj.weight)))
+                w_gu=prep(torch.cat([m.gate_proj.weight, m.up_proj.weight])), w_down=prep(m.down_proj.weight)))
         self.embed, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
-        self.head = t(model.head_weight)                                                              # (H, V)
+        self.head = prep(model.head_weight)
+        mats = [lay[k] for lay in self.layers for k in ("w_qkv", "w_o", "w_gu", "w_down")] + [self.head]
+        self.nbytes = sum((m[0] if self.rows else m).nbytes for m in mats)   # the regrouped matrices' memory
+
+    @staticmethod
+    def packed_rows(model, rows: int) -> int:
+        """The row count the GEMMs are packed for, 0 for none (the `x @ W_t` layout, any row count)."""
+        fp32 = model.embed_tokens.weight.dtype == torch.float32
+        return rows if PACKED_GEMM and fp32 and PACK_ROWS[0] <= rows <= PACK_ROWS[1] else 0
+
+    def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W (out, in) -> (MKL's packed W for self.rows rows, a zero-stride (out, in) stand-in). The op reads the
+        stand-in's shape only; its values would be read if the row count did not match, which `_mm` rules out."""
+        w = w.detach().contiguous()
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, self.rows), w.new_zeros(()).expand(w.shape)
+
+    def _mm(self, x: torch.Tensor, w, bias: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + x @ W^T + bias for a matrix prepared by __init__; x (rows, in)."""
+        if self.rows:
+            if x.shape[0] != self.rows:
+                raise RuntimeError(f"FastDecoder: packed for {self.rows} rows, got {x.shape[0]}")
+            y = torch.ops.mkl._mkl_linear(x, w[0], w[1], bias, self.rows)
+            return y if residual is None else y.add_(residual)
+        if residual is not None:
+            y = torch.addmm(residual, x, w)                                   # the residual add inside the GEMM
+            return y if bias is None else y.add_(bias)
+        return x @ w if bias is None else torch.addmm(bias, x, w)
 
     # model -> (signature of its parameters when built, FastDecoder); dropped with the model
     _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_model(cls, model, max_len: int) -> FastDecoder:
-        """The decoder of `model`'s current weights, with RoPE tables for positions [0, max_len).
+    def for_model(cls, model, max_len: int, rows: int = 0) -> FastDecoder:
+        """The decoder of `model`'s current weights for decode batches of `rows` rows (packed GEMMs where
+        PACK_ROWS allows, any row count otherwise), with RoPE tables for positions [0, max_len).
 
         Kept between calls while every parameter has the same storage and version counter. Every in-place
         write bumps the version counter (optimizer steps, `copy_` or `load_state_dict` under no_grad), so an
@@ -280,9 +322,9 @@ class FastDecoder:
         params = list(model.parameters())
         key = None if any(p.is_inference() for p in params) else tuple((p.data_ptr(), p._version) for p in params)
         hit = cls._cache.get(model)
-        if hit is None or key is None or hit[0] != key:
+        if hit is None or key is None or hit[0] != key or hit[1].rows != cls.packed_rows(model, rows):
             cls._cache.pop(model, None)  # free the old copies before building new ones
-            hit = (key, cls(model))
+            hit = (key, cls(model, rows))
             if key is not None:
                 cls._cache[model] = hit
         dec = hit[1]
@@ -312,7 +354,7 @@ class FastDecoder:
         dst = ((cache.rows[:, None] * nkv + torch.arange(nkv, device=pos.device)) * S + pos[:, None]).view(-1)
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (H,), w["ln1"], self.eps)
-            qkv = h @ w["w_qkv"] if w["b_qkv"] is None else torch.addmm(w["b_qkv"], h, w["w_qkv"])
+            qkv = self._mm(h, w["w_qkv"], w["b_qkv"])
             qk = qkv[:, :(nh + nkv) * D].view(B, nh + nkv, D)                 # q and k heads, roped together
             if w["qk_norm"] is not None:
                 qk = F.rms_norm(qk, (D,), None, self.eps) * w["qk_norm"]
@@ -323,12 +365,10 @@ class FastDecoder:
             # the G query heads of a kv head are G query rows of one SDPA head: no repeat of K/V
             o = F.scaled_dot_product_attention(qk[:, :nh].view(B, nkv, nh // nkv, D), kc[:B, :, :L], vc[:B, :, :L],
                                                attn_mask=cache.bias)     # (B, nkv, G, D)
-            x = torch.addmm(x, o.reshape(B, nh * D), w["w_o"])               # residual add inside the GEMM
-            if w["b_o"] is not None:
-                x = x + w["b_o"]
-            gu = F.rms_norm(x, (H,), w["ln2"], self.eps) @ w["w_gu"]           # (B, 2I)
-            x = torch.addmm(x, F.silu(gu[:, :I]).mul_(gu[:, I:]), w["w_down"])
-        return F.rms_norm(x, (H,), self.norm, self.eps) @ self.head          # (B, V)
+            x = self._mm(o.reshape(B, nh * D), w["w_o"], w["b_o"], residual=x)
+            gu = self._mm(F.rms_norm(x, (H,), w["ln2"], self.eps), w["w_gu"])  # (B, 2I)
+            x = self._mm(F.silu(gu[:, :I]).mul_(gu[:, I:]), w["w_down"], residual=x)
+        return self._mm(F.rms_norm(x, (H,), self.norm, self.eps), self.head)  # (B, V)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,7 +477,10 @@ class _Engine:
         self.fast = None
         # not when the Triton kernels run on CPU tensors (TRITON_INTERPRET=1, how the kernel tests drive them)
         if FAST_CPU_DECODE and dev.type == "cpu" and not fsdp and not kernels.triton_enabled(w):
-            self.fast = FastDecoder.for_model(model, self.max_len)
+            self.fast = FastDecoder.for_model(model, self.max_len, self.slots)
+        # GEMMs packed for the slot count: every decode forward computes all slots (the rows past the live ones
+        # are free slots riding along, their results dropped), so sampling and compaction stay as without packing
+        self.pad_rows = self.fast is not None and self.fast.rows > 0
         self.graph = None
         self.stats = cfg.stats if cfg.stats is not None else {}
         self.stats.update(slots=S, prefill_forwards=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
@@ -568,9 +611,10 @@ class _Engine:
             hi, logits = self.slots, self._static_logits()
         else:  # rows [0, hi); free slots below hi ride along with harmless writes at position 0
             hi = live[-1] + 1
-            logits = self._forward_rows(hi, max(self.h_pos[s] for s in live) + 1)
+            n_fwd = self.slots if self.pad_rows else hi
+            logits = self._forward_rows(n_fwd, max(self.h_pos[s] for s in live) + 1)[:hi]
         tok, lp = sample(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.gen)  # (hi,)
-        rows = self.cache.rows
+        rows = self.cache.rows[:hi]
         self.out_tok[rows, self.count[:hi]] = tok
         self.out_lp[rows, self.count[:hi]] = lp
         self.tokens_in[:hi] = tok
@@ -580,7 +624,7 @@ class _Engine:
             self.h_pos[s] += 1
             self.h_count[s] += 1
         self.stats["decode_steps"] += 1
-        self.stats["decode_rows"] += hi
+        self.stats["decode_rows"] += self.slots if self.static or self.pad_rows else hi
         # the one per-step host sync, and only when stop tokens are set: read the new tokens
         newest = tok.tolist() if self.stop else None
         self._finish_check(live, None if newest is None else [newest[s] for s in live])

@@ -151,9 +151,14 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
             no_cache_loop(model, prompts, 2, g)
             best["no-cache loop"] = timed(lambda: no_cache_loop(model, prompts, new, g), device)
         if device.type == "cpu":  # paid by the first generate() after each weight update
-            build = min(timed(lambda: rollout.FastDecoder(model), device) for _ in range(3))
+            build = min(timed(lambda: rollout.FastDecoder(model, batch), device) for _ in range(3))
+            dec = rollout.FastDecoder(model, batch)
+            model_mb = sum(p.nbytes for p in model.parameters()) / 2**20
+            layout = f"MKL-packed for {dec.rows} rows" if dec.rows else "transposed"
             print(f"# {label}: FastDecoder weight regrouping {build * 1e3:.1f} ms "
-                  f"({build / best['rollout.generate']:.1%} of a generate() call that reuses them)")
+                  f"({build / best['rollout.generate']:.1%} of a generate() call that reuses them); "
+                  f"{layout}: {dec.nbytes / 2**20:,.0f} MB "
+                  f"(the model's parameters: {model_mb:,.0f} MB)")
     base = batch * new / best["rollout.generate"]
     for name, t in best.items():
         row = {"run": label, "engine": name, "tok/s": batch * new / t, "s": t, "ours / this": base * t / (batch * new)}

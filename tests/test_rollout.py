@@ -63,7 +63,13 @@ def test_greedy_matches_naive_loop_with_refills(arch, fast, monkeypatch):
     assert stats["prefill_tokens"] == sum(len(p) for p in PROMPTS)
 
 
-def test_greedy_with_stop_tokens_matches_naive_and_compacts():
+@pytest.mark.parametrize("packed", [False, True], ids=["compacting", "packed-gemm"])
+def test_greedy_with_stop_tokens_matches_naive_and_compacts(packed, monkeypatch):
+    """Early finishers leave holes and the long tail gets compacted. With GEMMs packed for the slot count
+    (rollout.PACKED_GEMM) every decode forward computes all slots, the same tokens."""
+    if packed and not rollout.PACKED_GEMM:
+        pytest.skip("torch built without MKL")
+    monkeypatch.setattr(rollout, "PACKED_GEMM", packed)
     model = tiny_model()
     free_run = {p: naive_greedy(model, PROMPTS[p], 14) for p in range(4)}
     # stop on the 3rd token of prompt 0's free run and the 8th of prompt 2's: different finishing times
@@ -77,7 +83,52 @@ def test_greedy_with_stop_tokens_matches_naive_and_compacts():
         assert all(t not in stop for t in o.token_ids[:-1])
     assert {o.finish_reason for o in outs} == {"stop", "length"}
     assert outs[0].finish_reason == "stop" and len(outs[0].token_ids) <= 3
-    assert stats["compactions"] >= 1  # early finishers leave holes; the long tail gets compacted
+    assert stats["compactions"] >= 1
+    if packed:
+        assert stats["decode_rows"] == 8 * stats["decode_steps"]
+        assert rollout.FastDecoder._cache[model][1].rows == 8
+    else:
+        assert stats["decode_rows"] < 8 * stats["decode_steps"]
+        assert rollout.FastDecoder._cache[model][1].rows == 0
+
+
+def test_packed_gemm_decoder_matches_transposed_one_and_rebuilds_per_row_count():
+    """FastDecoder with MKL-packed GEMMs (rows in PACK_ROWS) against the x @ W_t one on the same step: logits
+    to fp32 rounding, for biases on q/k/v (Qwen2) and on o as well (Llama with attention_bias); a call with
+    another row count is refused rather than silently computed from the zero stand-in weights."""
+    if not rollout.PACKED_GEMM:
+        pytest.skip("torch built without MKL")
+    for arch, kw in [("Qwen2ForCausalLM", {}), ("LlamaForCausalLM", dict(attention_bias=True))]:
+        model = tiny_model(arch, **kw)
+        c = model.config
+        packed, plain = rollout.FastDecoder(model, rows=3), rollout.FastDecoder(model, rows=1)
+        assert (packed.rows, plain.rows) == (3, 0) and packed.nbytes > 0 and plain.nbytes > 0
+        assert rollout.FastDecoder.packed_rows(model, rollout.PACK_ROWS[1] + 1) == 0
+        assert rollout.FastDecoder.packed_rows(model.to(torch.float64), 3) == 0   # MKL packs fp32 only
+        model.float()
+        cache = rollout.KVCache(c.num_layers, 3, c.num_kv_heads, 16, c.head_dim)
+        torch.manual_seed(1)
+        cache._allocate(torch.zeros(()))
+        cache.kv.normal_()                                        # some cached history for attention to read
+        tokens, pos = torch.tensor([3, 7, 11]), torch.tensor([5, 0, 9])
+        with torch.inference_mode():
+            got = []
+            for dec in (packed, plain):
+                dec._rope_tables(16)
+                cache.set_decode(pos, 16)
+                got.append(dec(tokens, pos, cache))
+            torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=1e-5)
+            with pytest.raises(RuntimeError, match="packed for 3 rows, got 2"):
+                cache.set_decode(pos[:2], 16)
+                packed(tokens[:2], pos[:2], cache)
+    # the cache of decoders: a call with another slot count rebuilds for it
+    model = tiny_model()
+    generate(model, PROMPTS, max_new_tokens=3, temperature=0)                # 4 slots
+    assert rollout.FastDecoder._cache[model][1].rows == 4
+    generate(model, PROMPTS[:2], max_new_tokens=3, temperature=0)            # 2 slots
+    assert rollout.FastDecoder._cache[model][1].rows == 2
+    generate(model, PROMPTS[:1], max_new_tokens=3, temperature=0)            # 1 slot: x @ W_t
+    assert rollout.FastDecoder._cache[model][1].rows == 0
 
 
 def test_static_decode_matches_naive_loop():
