@@ -12,8 +12,8 @@ A claim "x > y" is supported when x - y exceeds 1.96 times the combined SE sqrt(
 when y - x does, and inconclusive (within noise) otherwise. The correlation between minimum validation loss and
 ceiling is judged by an exact permutation test (all orderings of the pools): no distributional assumption is
 needed for a handful of points. Whether an RL branch changed accuracy at all is a paired question (the same
-problems before and after), judged by an exact sign test on the problems it gained and lost (`paired_change`),
-with a Bonferroni bound over the branches tested (`learning_check`).
+problems before and after), judged by an exact sign test on the problems it gained and lost (`retu.py fit`
+computes it, fit.sign_test), with a Bonferroni bound over the branches tested (`learning_check`).
 """
 from __future__ import annotations
 
@@ -222,51 +222,13 @@ def finding3(out: Path, cfg: demo.StudyConfig) -> dict:
     return {"rows": rows, "claims": claims, "corr": corr, "verdict": combine([c["verdict"] for c in claims])}
 
 
-def read_scores(eval_dir: Path, levels: tuple[int, ...]) -> list[tuple[str, float]]:
-    """(problem location, mean score of its samples) for every benchmark problem of one evaluated checkpoint
-    (`retu.py eval` writes eval/step_*/level{k}.jsonl, one line per problem)."""
-    out = []
-    for lv in levels:
-        path = eval_dir / f"level{lv}.jsonl"
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                rec = json.loads(line)
-                if not rec.get("scores") or "where" not in rec:
-                    raise ValueError(f"{path}:{n}: need 'where' and a non-empty 'scores'")
-                out.append((rec["where"], sum(rec["scores"]) / len(rec["scores"])))
-    return out
-
-
-def sign_test(n_up: int, n_down: int) -> float:
-    """Exact two-sided sign test: the probability, if up and down were equally likely, of a split of the
-    n_up + n_down changed problems at least as uneven as this one (1.0 when nothing changed)."""
-    m, k = n_up + n_down, min(n_up, n_down)
-    if m == 0:
-        return 1.0
-    return min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m)
-
-
-def paired_change(start_dir: Path, end_dir: Path, levels: tuple[int, ...]) -> dict:
-    """Change of accuracy from one evaluated checkpoint to another on the same problems: `delta` (percentage
-    points), `up` / `down` (problems whose score rose / fell) and the exact sign test's p-value on them. Pairing
-    removes the problems' own difficulty from the noise: two evaluations differ only where an answer changed (for
-    0/1 greedy scores this is McNemar's exact test). Exact, because a normal approximation oversells a handful of
-    changes: 5 gains and no loss among 240 problems is a paired z (mean difference over its SE) of 2.25, but
-    p = 0.0625 here."""
-    a, b = read_scores(start_dir, levels), read_scores(end_dir, levels)
-    if [w for w, _ in a] != [w for w, _ in b]:
-        raise ValueError(f"{start_dir} and {end_dir} were evaluated on different problems")
-    d = [y - x for (_, x), (_, y) in zip(a, b)]
-    up, down = sum(x > 0 for x in d), sum(x < 0 for x in d)
-    return {"delta": 100.0 * sum(d) / len(d), "up": up, "down": down, "p": sign_test(up, down)}
-
-
 def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
     """Did the toy model learn at all? Per SFT pool: validation loss at the start and its minimum, and the best
     level-1 accuracy of any checkpoint (eval.jsonl; `retu.py fit --metric level1` shows the same numbers); per RL
     branch from an SFT checkpoint: overall accuracy at its start and at its end, the problems it gained and lost,
-    and the sign test's p (`paired_change`). "RL moved accuracy" needs p below 0.05 / (number of branches tested):
-    the Bonferroni bound keeps the chance that any of several unchanged branches passes by luck under 5%."""
+    and the sign test's p (`retu.py fit`'s "rl_changes"). "RL moved accuracy" needs p below 0.05 / (number of
+    branches tested): the Bonferroni bound keeps the chance that any of several unchanged branches passes by luck
+    under 5%."""
     sft = []
     for pool in cfg.sft_pools:
         run = FitOutput(out / "runs" / f"sft_{pool}")
@@ -280,13 +242,13 @@ def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
     rl = []
     for pool in cfg.sft_pools:
         run = FitOutput(out / "runs" / f"sft_{pool}")
-        for ph, step in branch_steps(run.run_dir).items():
-            row = run.branch_rows()[step]
-            branch = out / "runs" / f"dapo_{pool}_{ph}"
-            last = max(json.loads(line)["step"] for line in open(branch / "eval.jsonl"))
-            change = paired_change(run.run_dir / "eval" / f"step_{step:08d}", branch / "eval" / f"step_{last:08d}",
-                                   cfg.bench_levels)
-            rl.append({"run": branch.name, "start": row["y"][0], "end": row["y"][-1], **change})
+        if "rl_changes" not in run.report:
+            branches = [f"dapo_{pool}_{ph}" for ph in branch_steps(run.run_dir)]
+            raise ValueError(f"{run.path}: no 'rl_changes' (an older `retu.py fit` wrote it); run again: "
+                             + fit_command(out, run.run_dir.name, branches))
+        changes = {c["run"]: c for c in run.report["rl_changes"]}
+        for ph in branch_steps(run.run_dir):
+            rl.append(changes[f"dapo_{pool}_{ph}"])
     for algo in cfg.baseline_algos:
         _, y = FitOutput(out / "runs" / f"{algo}_base").curve()
         rl.append({"run": f"{algo}_base", "start": float("nan"), "end": float(y[-1])})
@@ -466,9 +428,9 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
     md += [f"| {r['run']} | {fit._f(r['start'])} | {r['end']:.1f} | "
            + (f"{r['up']} / {r['down']} | {r['p']:.3g} |" if "p" in r else "- | - |") for r in lc["rl"]]
     md += ["", "(Gained / lost: problems whose score rose / fell between the branch's SFT checkpoint and its last RL "
-           "checkpoint, from `eval/step_*/level*.jsonl` of both runs; p: exact two-sided sign test on them. A change "
-           f"counts when p < {lc['alpha']:.3g}, 0.05 over the number of branches tested; the pure-RL runs from the "
-           "base model have no evaluated start.)"]
+           "checkpoint; p: exact two-sided sign test on them; the branch rows of each pool's `retu.py fit` report "
+           f"(`fit/report.md`). A change counts when p < {lc['alpha']:.3g}, 0.05 over the number of branches tested; "
+           "the pure-RL runs from the base model have no evaluated start.)"]
     md += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in secs.items()]
     path = out / "report.md"

@@ -469,6 +469,20 @@ def pearson_r(a, b) -> float:
 # the Plasticity-Ceiling decomposition (Eq. 10-12) on evaluation results
 
 
+def sign_test(n_up: int, n_down: int) -> float:
+    """Exact two-sided sign test: the probability, if a change up and a change down were equally likely, of a
+    split of the n_up + n_down changed problems at least as uneven as this one (1.0 when nothing changed). On
+    paired 0/1 scores (the same problems before and after) this is McNemar's exact test. Exact, because a normal
+    approximation oversells a handful of changes: 5 problems gained and none lost among 240 is a paired z (mean
+    difference over its SE) of 2.25, but p = 0.0625."""
+    if n_up < 0 or n_down < 0:
+        raise ValueError(f"sign_test: counts must be >= 0, got {n_up}, {n_down}")
+    m, k = n_up + n_down, min(n_up, n_down)
+    if m == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m)
+
+
 def score(scores: dict, metric: str = "overall", bench_sizes: dict | None = None, where: str = "") -> float:
     """One number from a checkpoint's per-benchmark accuracies (percent): a benchmark, or "overall" = the mean
     weighted by problem count (the paper's 2157 problems unless `bench_sizes` says otherwise)."""
@@ -606,6 +620,14 @@ def format_report(report: dict) -> str:
     if rec:
         where = f"; stable checkpoints: {rec['branch_from']}" if rec["branch_from"] else ""
         out.append(f"Switch recommendation: {rec['action']} ({rec['message']}){where}.")
+    changes = report.get("rl_changes")
+    if changes:
+        out += ["", "RL branches against their SFT checkpoint, problem by problem (the same problems before and "
+                "after; p: exact two-sided sign test, `sign_test`):", "",
+                "| RL run | SFT step | problems | score at start | at end | gained / lost | p |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {c['run']} | {c['sft_step']} | {c['n']} | {c['start']:.2f} | {c['end']:.2f} | {c['up']} / "
+                f"{c['down']} | {c['p']:.3g} |" for c in changes]
     return "\n".join(out) + "\n"
 
 

@@ -561,6 +561,7 @@ def fit_inputs(cfg: FitConfig) -> dict:
     sft_points = [{"step": s, "eflops": r["eflops"], "scores": r["scores"],
                    **({"val_loss": val[s]} if s in val else {})} for s, r in sorted(evals.items())]
     branches: dict[int, list[dict]] = {}
+    starts: dict[str, int] = {}                     # RL run -> the SFT step it started from
     for run in cfg.rl_runs:
         conf = next((r for r in _read_jsonl(os.path.join(run, "metrics.jsonl")) if r.get("kind") == "config"), None)
         if conf is None:
@@ -568,14 +569,54 @@ def fit_inputs(cfg: FitConfig) -> dict:
         start = expand_checkpoints([conf["config"]["model"]])[0][1]
         pts = [{"eflops": p["eflops"], "scores": p["scores"]} for s, p in sorted(eval_points(run).items()) if s > 0]
         branches.setdefault(start, []).extend(pts)
+        starts[run] = start
     return {"name": os.path.basename(os.path.normpath(cfg.run_dir)), "sft_points": sft_points,
-            "rl_branches": branches, "bench_sizes": sizes}
+            "rl_branches": branches, "bench_sizes": sizes, "rl_starts": starts}
+
+
+def problem_scores(run_dir: str, step: int, benches: list[str]) -> list[tuple[str, float]]:
+    """(problem location, mean score of its samples) per problem of `benches` at one evaluated checkpoint, from the
+    per-problem files `retu.py eval` writes (run_dir/eval/step_*/<benchmark>.jsonl)."""
+    out = []
+    for b in benches:
+        path = os.path.join(run_dir, "eval", f"step_{step:08d}", f"{b}.jsonl")
+        if not os.path.exists(path):
+            raise D.DataError(f"{path}: missing (the per-problem results of `retu.py eval` for step {step}, {b})")
+        for n, rec in enumerate(_read_jsonl(path), 1):
+            if not rec.get("scores") or "where" not in rec:
+                raise D.DataError(f"{path}:{n}: need 'where' and a non-empty 'scores'")
+            out.append((rec["where"], sum(rec["scores"]) / len(rec["scores"])))
+    return out
+
+
+def rl_changes(spec: dict, cfg: FitConfig) -> list[dict]:
+    """Per RL run: did it change the score of its SFT checkpoint beyond noise? Problem by problem between that
+    checkpoint and the run's last evaluated one (a paired comparison: the same problems, so their own difficulty
+    is no noise), on the benchmarks of `cfg.metric`: scores at start and end, problems gained / lost, and the
+    exact sign test on them (fit.sign_test)."""
+    out = []
+    for run, start in spec["rl_starts"].items():
+        evals = eval_points(run)
+        last = max((s for s in evals if s > 0), default=None)
+        if last is None:
+            continue
+        benches = sorted(evals[last]["scores"]) if cfg.metric == "overall" else [cfg.metric]
+        a, b = problem_scores(cfg.run_dir, start, benches), problem_scores(run, last, benches)
+        if [w for w, _ in a] != [w for w, _ in b]:
+            raise D.DataError(f"{run}: step {last} was evaluated on other problems than {cfg.run_dir} step {start}")
+        d = [y - x for (_, x), (_, y) in zip(a, b)]
+        up, down = sum(x > 0 for x in d), sum(x < 0 for x in d)
+        out.append({"run": os.path.basename(os.path.normpath(run)), "sft_step": start, "rl_step": last, "n": len(d),
+                    "start": 100.0 * sum(x for _, x in a) / len(d), "end": 100.0 * sum(y for _, y in b) / len(d),
+                    "up": up, "down": down, "p": fit.sign_test(up, down)})
+    return out
 
 
 def run_fit(cfg: FitConfig) -> dict:
     spec = fit_inputs(cfg)
     report = fit.analyze(spec["sft_points"], spec["rl_branches"], metric=cfg.metric, bench_sizes=spec["bench_sizes"],
                          n_boot=cfg.boot, name=spec["name"])
+    report["rl_changes"] = rl_changes(spec, cfg)
     out = cfg.out or os.path.join(cfg.run_dir, "fit")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "input.json"), "w") as f:

@@ -417,35 +417,6 @@ def test_report_statistics_hand_checked():
     assert demo_report.permutation_test_r([1, 2, 3], [5, 5, 5])[1:] == (1.0, 1.0)
 
 
-def _write_eval(d, scores_by_level):
-    d.mkdir(parents=True)
-    for lv, scores in scores_by_level.items():
-        (d / f"level{lv}.jsonl").write_text("".join(
-            json.dumps({"where": f"bench/level{lv}.jsonl:{i + 1}", "scores": s}) + "\n" for i, s in enumerate(scores)))
-
-
-def test_paired_change_hand_checked(tmp_path):
-    # problems: level 1 start [1, 0], end [1, 1]; level 2 start [0, 1] (2 samples: [1, 0] -> 0.5), end [1, 0]
-    _write_eval(tmp_path / "a", {1: [[1.0], [0.0]], 2: [[0.0], [1.0, 0.0]]})
-    _write_eval(tmp_path / "b", {1: [[1.0], [1.0]], 2: [[1.0], [0.0, 0.0]]})
-    # differences [0, 1, 1, -0.5]: mean 37.5 points; 2 up, 1 down: p = 2 P(Bin(3, 1/2) <= 1) = 2 * 4/8 = 1
-    assert demo_report.paired_change(tmp_path / "a", tmp_path / "b", (1, 2)) == {
-        "delta": 37.5, "up": 2, "down": 1, "p": 1.0}
-    assert demo_report.paired_change(tmp_path / "a", tmp_path / "a", (1, 2)) == {"delta": 0.0, "up": 0, "down": 0,
-                                                                                  "p": 1.0}
-    _write_eval(tmp_path / "d", {1: [[1.0]], 2: [[0.0], [1.0]]})                          # a problem missing
-    with pytest.raises(ValueError, match="different problems"):
-        demo_report.paired_change(tmp_path / "a", tmp_path / "d", (1, 2))
-    (tmp_path / "d" / "level1.jsonl").write_text('{"where": "x"}\n')
-    with pytest.raises(ValueError, match=r"level1.jsonl:1: need 'where' and a non-empty 'scores'"):
-        demo_report.paired_change(tmp_path / "d", tmp_path / "a", (1,))
-    # the sign test by hand: 5 of 5 up -> 2 / 32; 6 of 6 -> 2 / 64; 7 up 1 down -> 2 (1 + 8) / 256
-    assert demo_report.sign_test(5, 0) == pytest.approx(0.0625)
-    assert demo_report.sign_test(0, 6) == pytest.approx(0.03125)
-    assert demo_report.sign_test(7, 1) == pytest.approx(18 / 256)
-    assert demo_report.sign_test(3, 3) == 1.0 and demo_report.sign_test(0, 0) == 1.0
-
-
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     """`retu.py demo --quick` in this process, run twice: the second run must find every stage done."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from fixtures import build_checkpoint, write_jsonl
 
+import data as D
 import model as M
 import retu
 import rl
@@ -224,8 +225,27 @@ def test_fit_reads_run_directories(tmp_path):
         write_jsonl(run / "eval.jsonl", [{"kind": "eval", "step": 10 * (i + 1), "eflops": float(x),
                                           "scores": {"a": float(y), "b": float(y)}, "n_problems": sizes}
                                          for i, (x, y) in enumerate(zip(xs, ys))])
+    # per-problem results (retu.py eval's eval/step_*/<bench>.jsonl): problem i solved iff i < k; rl100 gains
+    # 9 + 3 problems and loses problem 0 of "a", rl200 changes nothing
+    def dump(run, step, k, lost=()):
+        for b, n in sizes.items():
+            d = run / "eval" / f"step_{step:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            write_jsonl(d / f"{b}.jsonl", [{"where": f"{b}.jsonl:{i + 1}",
+                                            "scores": [float(i < k[b] and (b, i) not in lost)]} for i in range(n)])
+    dump(sft, 100, {"a": 9, "b": 3})
+    dump(sft, 200, {"a": 12, "b": 4})
+    dump(tmp_path / "rl100", 120, {"a": 18, "b": 6}, lost={("a", 0)})
+    dump(tmp_path / "rl200", 120, {"a": 12, "b": 4})
     runs = [str(tmp_path / "rl100"), str(tmp_path / "rl200")]
     report = retu.run_fit(retu.FitConfig(run_dir=str(sft), rl_runs=runs, boot=0, plots=False))
+    # 12 up, 1 down: p = 2 (C(13, 0) + C(13, 1)) / 2^13
+    assert report["rl_changes"] == [
+        {"run": "rl100", "sft_step": 100, "rl_step": 120, "n": 40, "start": 30.0, "end": 57.5, "up": 12, "down": 1,
+         "p": pytest.approx(28 / 8192)},
+        {"run": "rl200", "sft_step": 200, "rl_step": 120, "n": 40, "start": 40.0, "end": 40.0, "up": 0, "down": 0,
+         "p": 1.0}]
+    assert "| rl100 | 100 | 40 | 30.00 | 57.50 | 12 / 1 | 0.00342 |" in (sft / "fit" / "report.md").read_text()
     rows = {r["sft_step"]: r for r in report["rows"]}
     assert sorted(rows) == [100, 200]
     for s, A in ceilings.items():
@@ -234,7 +254,13 @@ def test_fit_reads_run_directories(tmp_path):
     assert report["best_step"] == 200
     spec = json.loads((sft / "fit" / "input.json").read_text())
     assert spec["bench_sizes"] == sizes and [p.get("val_loss") for p in spec["sft_points"]] == [2.0, 1.0, 0.9]
-    assert (sft / "fit" / "report.md").exists()
+    # the per-problem comparison needs the same problems before and after, and the files
+    (tmp_path / "rl200" / "eval" / "step_00000120" / "b.jsonl").write_text('{"where": "other:1", "scores": [1]}\n')
+    with pytest.raises(D.DataError, match="rl200: step 120 was evaluated on other problems than .*sft step 200"):
+        retu.run_fit(retu.FitConfig(run_dir=str(sft), rl_runs=runs, boot=0, plots=False))
+    (tmp_path / "rl200" / "eval" / "step_00000120" / "b.jsonl").unlink()
+    with pytest.raises(D.DataError, match=r"step_00000120.b\.jsonl: missing \(the per-problem results"):
+        retu.run_fit(retu.FitConfig(run_dir=str(sft), rl_runs=runs, boot=0, plots=False))
 
 
 def test_rl_resume_continues_exactly(toy, monkeypatch):

@@ -304,3 +304,21 @@ def test_paper_table4_lts_picks_by_validation_error():
                            [math.log(10.0), 0.0])
     assert r.A == pytest.approx(84.52, abs=0.01) and best == pytest.approx(2.6485, abs=1e-3)
     assert 1.0 < 2 * forced.cost / best < 1.01
+
+
+def test_sign_test_hand_checked():
+    # two-sided exact binomial on the changed problems: 5 of 5 up -> 2 / 2^5; 6 of 6 down -> 2 / 2^6;
+    # 7 up 1 down -> 2 (C(8,0) + C(8,1)) / 2^8; even splits and no change -> 1
+    assert fit.sign_test(5, 0) == pytest.approx(0.0625)
+    assert fit.sign_test(0, 6) == pytest.approx(0.03125)
+    assert fit.sign_test(7, 1) == pytest.approx(18 / 256)
+    assert fit.sign_test(3, 3) == 1.0 and fit.sign_test(0, 0) == 1.0
+    # against a direct sum over all 2^m equally likely up/down patterns, as extreme as the observed one
+    import itertools
+    for up, down in [(4, 1), (2, 5), (6, 3)]:
+        m = up + down
+        dev = abs(up - m / 2)
+        extreme = sum(abs(sum(p) - m / 2) >= dev for p in itertools.product((0, 1), repeat=m))
+        assert fit.sign_test(up, down) == pytest.approx(extreme / 2 ** m)
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        fit.sign_test(-1, 2)
