@@ -239,17 +239,18 @@ class FastDecoder:
     * q/k/v and gate/up are concatenated (one GEMM each instead of three and two), and every matrix is stored
       transposed, (in, out) row-major: MKL's sgemm computes `x @ W_t` 1.1-3.2x faster than `F.linear(x, W)` (a
       product with a transposed view) at 4-16 rows on the 2-core dev CPU, for the bench's tiny and 0.5B shapes;
-    * the residual adds ride in the GEMMs (`addmm(x, o, W_o)`), RoPE is `x * cos + roll(x, D/2) * sin'` with
-      sin' = (-sin, sin) read from a table, K and V are written into the cache with one `index_copy_`.
-
     * with `rows` in PACK_ROWS and fp32 weights, the matrices are instead packed by MKL for exactly `rows` rows
-      (see PACKED_GEMM), and every step must then compute that many rows (the engine runs all its slots).
+      (see PACKED_GEMM), and every step must then compute that many rows (the engine runs all its slots);
+    * the residual adds ride in the GEMMs (`addmm(x, o, W_o)`; packed: an in-place add after), RoPE is
+      `x * cos + roll(x, D/2) * sin'` with sin' = (-sin, sin) read from a table, K and V are written into the
+      cache with one `index_copy_`.
 
     A tiny-shape step makes 740 aten calls (nested ones and views included) instead of 1,049 through
     model.forward. Numerics: the operations of `model.py` in the model dtype, except that RMSNorm is `F.rms_norm`
     (it multiplies by the weight before rounding to a low-precision dtype, HF after) and the GEMMs round
     differently; log-probs agree with a full forward to 1e-5 in fp32 (tested). The copies cost one more model's
-    worth of memory transposed, ~1.5x that packed (`nbytes`), and take 1.3-1.6 s to build for a 0.5B fp32 model;
+    worth of memory transposed; packed, 1.7x the model at the 0.5B shape and 8x at the bench's tiny one (MKL pads
+    small matrices; `nbytes`). They take 1.2-1.6 s to build for a 0.5B fp32 model;
     `for_model` keeps them between calls while the weights and the row count are unchanged and rebuilds them after
     any in-place update (see there).
     """
