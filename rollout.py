@@ -609,7 +609,8 @@ class _Engine:
     def _decode_step(self):
         live = [s for s in range(self.slots) if self.seq[s] is not None]
         if self.static:
-            hi, logits = self.slots, self._static_logits()
+            hi = n_fwd = self.slots
+            logits = self._static_logits()
         else:  # rows [0, hi); free slots below hi ride along with harmless writes at position 0
             hi = live[-1] + 1
             n_fwd = self.slots if self.pad_rows else hi
@@ -625,7 +626,7 @@ class _Engine:
             self.h_pos[s] += 1
             self.h_count[s] += 1
         self.stats["decode_steps"] += 1
-        self.stats["decode_rows"] += self.slots if self.static or self.pad_rows else hi
+        self.stats["decode_rows"] += n_fwd
         # the one per-step host sync, and only when stop tokens are set: read the new tokens
         newest = tok.tolist() if self.stop else None
         self._finish_check(live, None if newest is None else [newest[s] for s in live])
