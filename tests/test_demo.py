@@ -502,6 +502,18 @@ def test_report_is_recomputable_with_retu_fit(quick_demo, tmp_path):
     assert (copy / "report.md").read_text().replace(str(copy), str(quick_demo)) == text
 
 
+def test_report_from_an_older_fit_output_names_the_command_to_rerun(quick_demo, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_demo, copy)
+    path = copy / "runs" / "sft_small" / "fit" / "report.json"
+    old = json.loads(path.read_text())
+    del old["rl_changes"]                                  # what `retu.py fit` wrote before it compared branches
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"sft_small/fit/report.json: no 'rl_changes' .*run again: "
+                                         r"`python retu.py fit --run-dir .*sft_small --rl-runs .*dapo_small_stable`"):
+        demo_report.write_report(copy, demo.StudyConfig.quick(), quick=True)
+
+
 def _fake_fit(run_dir, sft, rows=(), n=240):
     """A `retu.py fit` output directory with the given curve and branch rows (what demo_report reads)."""
     (run_dir / "fit").mkdir(parents=True)

@@ -258,6 +258,9 @@ def test_fit_reads_run_directories(tmp_path):
     (tmp_path / "rl200" / "eval" / "step_00000120" / "b.jsonl").write_text('{"where": "other:1", "scores": [1]}\n')
     with pytest.raises(D.DataError, match="rl200: step 120 was evaluated on other problems than .*sft step 200"):
         retu.run_fit(retu.FitConfig(run_dir=str(sft), rl_runs=runs, boot=0, plots=False))
+    (tmp_path / "rl200" / "eval" / "step_00000120" / "b.jsonl").write_text('{"where": "b.jsonl:1"}\n')
+    with pytest.raises(D.DataError, match=r"step_00000120.b\.jsonl:1: need 'where' and a non-empty 'scores'"):
+        retu.run_fit(retu.FitConfig(run_dir=str(sft), rl_runs=runs, boot=0, plots=False))
     (tmp_path / "rl200" / "eval" / "step_00000120" / "b.jsonl").unlink()
     with pytest.raises(D.DataError, match=r"step_00000120.b\.jsonl: missing \(the per-problem results"):
         retu.run_fit(retu.FitConfig(run_dir=str(sft), rl_runs=runs, boot=0, plots=False))
