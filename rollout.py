@@ -50,6 +50,7 @@ random stream is shared by the batch, so a different batch composition gives dif
 """
 from __future__ import annotations
 
+import ctypes
 import heapq
 import math
 import numbers
@@ -61,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+import kernels_cpu
 
 
 @dataclass
@@ -159,6 +161,7 @@ class KVCache:
         self.shape = (num_layers, 2, slots, kv_heads, max_len, head_dim)
         self.kv: torch.Tensor | None = None  # allocated at the first attend(), in the dtype of the k it gets
         self.mode = ""
+        self._slot_ids: torch.Tensor | None = None
 
     def _allocate(self, k: torch.Tensor):
         # The dtype comes from the forward, not the parameters: under FSDP2 mixed precision they differ.
@@ -177,16 +180,37 @@ class KVCache:
         self.mode, self.bounds, self.dst_slot, self.dst_pos, self.src, self.saves = \
             "prefill", bounds, dst_slot, dst_pos, src, saves
         self.saved: dict[int, torch.Tensor] = {}
+        # runs of consecutive prompts of equal length (start, prompts, length): one batched attention call each
+        self.runs: list[tuple[int, int, int]] = []
+        for s, e in bounds:
+            if self.runs and self.runs[-1][2] == e - s:
+                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + 1, e - s)
+            else:
+                self.runs.append((s, 1, e - s))
 
     def set_decode(self, pos: torch.Tensor, max_len: int):
-        """Row b is slot b; its new token goes to position pos[b] and it attends to [0, pos[b]]."""
+        """Row b is slot b; its new token goes to position pos[b] and it attends to [0, pos[b]]. The lengths and
+        the mask are computed when a decode path first asks for them (the native CPU step needs neither)."""
         self.mode, self.pos, self.max_len = "decode", pos, max_len
-        self.rows = torch.arange(pos.shape[0], device=pos.device)
-        self.seq_lens = pos + 1
-        self.bias = None
-        if not self.triton:  # one additive mask for all layers of this step
-            valid = torch.arange(max_len, device=pos.device) < self.seq_lens[:, None]
-            self.bias = torch.zeros(valid.shape, device=pos.device).masked_fill_(~valid, float("-inf"))[:, None, None]
+        if self._slot_ids is None or self._slot_ids.device != pos.device:
+            self._slot_ids = torch.arange(self.shape[2], device=pos.device)
+        self.rows = self._slot_ids[:pos.shape[0]]
+        self._seq_lens = self._bias = None
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        if self._seq_lens is None:
+            self._seq_lens = self.pos + 1
+        return self._seq_lens
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The torch decode path's additive length mask (B, 1, 1, max_len), one for all layers of a step."""
+        if self._bias is None and not self.triton:
+            valid = torch.arange(self.max_len, device=self.pos.device) < self.seq_lens[:, None]
+            self._bias = torch.zeros(valid.shape, device=self.pos.device).masked_fill_(~valid, float("-inf"))
+            self._bias = self._bias[:, None, None]
+        return self._bias
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, T, n_heads, D), k/v (B, T, n_kv_heads, D) -> (B, T, n_heads, D)."""
@@ -211,10 +235,12 @@ class KVCache:
                 self.saved[p] = k.new_empty((self.shape[0], 2, self.shape[3], e - s, self.shape[5]))
             self.saved[p][layer_idx, 0] = k[0, s:e].transpose(0, 1)
             self.saved[p][layer_idx, 1] = v[0, s:e].transpose(0, 1)
-        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (heads, N, D)
-        o = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True,
-                                                      enable_gqa=True) for s, e in self.bounds], dim=1)
-        return o.transpose(0, 1).unsqueeze(0)  # (1, N, n_heads, D)
+        outs = []
+        for s, r, n in self.runs:  # r prompts of n tokens each: (1, r n, heads, D) -> (r, heads, n, D)
+            qs, ks, vs = (t[0, s:s + r * n].unflatten(0, (r, n)).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            outs.append(o.transpose(1, 2).flatten(0, 1))                     # (r n, n_heads, D)
+        return torch.cat(outs).unsqueeze(0)  # (1, N, n_heads, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,7 +288,12 @@ class FastDecoder:
         self.inv_freq = model.inv_freq
         self.cos = self.sin = None
         self.rows = self.packed_rows(model, rows)
-        prep = self._pack if self.rows else lambda w: w.detach().t().contiguous()  # (out, in) -> (in, out)
+        # packed rows: the whole step in native code where it builds (kernels_cpu), else MKL-packed torch ops
+        self.native = bool(self.rows) and self.hd <= 256 and kernels_cpu.available()
+        if self.native:
+            prep = lambda w: kernels_cpu.pack_weight(w, self.rows)  # noqa: E731
+        else:
+            prep = self._pack if self.rows else lambda w: w.detach().t().contiguous()  # (out, in) -> (in, out)
         self.layers = []
         for blk in model.layers:
             a, m = blk.self_attn, blk.mlp
@@ -279,8 +310,16 @@ class FastDecoder:
                 w_gu=prep(torch.cat([m.gate_proj.weight, m.up_proj.weight])), w_down=prep(m.down_proj.weight)))
         self.embed, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
         self.head = prep(model.head_weight)
+        self.vocab = model.head_weight.shape[0]
         mats = [lay[k] for lay in self.layers for k in ("w_qkv", "w_o", "w_gu", "w_down")] + [self.head]
-        self.nbytes = sum((m[0] if self.rows else m).nbytes for m in mats)   # the regrouped matrices' memory
+        self.nbytes = sum((m[0] if isinstance(m, tuple) else m).nbytes for m in mats)  # the regrouped matrices
+        if self.native:  # the pointers kernels_cpu.c reads; the tensors stay alive in self.layers
+            self._c_layers = (kernels_cpu.Layer * len(self.layers))()
+            for c_layer, lay in zip(self._c_layers, self.layers):
+                c_layer.p[:] = [kernels_cpu.ptr(lay[k]) for k in kernels_cpu.LAYER_WEIGHTS]
+            self._c_dims = kernels_cpu.Dims(rows=self.rows, hidden=self.hidden, inter=self.inter, n_heads=self.nh,
+                                            n_kv_heads=self.nkv, head_dim=self.hd, vocab=self.vocab,
+                                            n_layers=len(self.layers), eps=self.eps)
 
     @staticmethod
     def packed_rows(model, rows: int) -> int:
@@ -347,6 +386,8 @@ class FastDecoder:
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, pos (B,) for slots [0, B) -> next-token logits (B, V). `cache` is in decode mode for them."""
+        if self.native:
+            return self._native_step(tokens, pos, cache)
         B, nh, nkv, D, H, I = tokens.shape[0], self.nh, self.nkv, self.hd, self.hidden, self.inter
         S, L = cache.shape[4], cache.max_len
         x = F.embedding(tokens, self.embed)                                   # (B, H)
@@ -370,6 +411,32 @@ class FastDecoder:
             gu = self._mm(F.rms_norm(x, (H,), w["ln2"], self.eps), w["w_gu"])  # (B, 2I)
             x = self._mm(F.silu(gu[:, :I]).mul_(gu[:, I:]), w["w_down"], residual=x)
         return self._mm(F.rms_norm(x, (H,), self.norm, self.eps), self.head)  # (B, V)
+
+    def _native_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The same step as __call__'s torch ops, in one call of kernels_cpu.c's decode_step. That code trusts
+        its pointers and sizes, so everything it reads or writes is checked here first."""
+        B = tokens.shape[0]
+        if B != self.rows:
+            raise RuntimeError(f"FastDecoder: packed for {self.rows} rows, got {B}")
+        kv = cache.kv
+        ok = (pos.shape == (B,) and tokens.dtype == pos.dtype == torch.long
+              and tokens.is_contiguous() and pos.is_contiguous() and kv is not None and kv.dtype == torch.float32
+              and kv.is_contiguous() and cache.shape[0] == len(self.layers) and cache.shape[3] == self.nkv
+              and cache.shape[5] == self.hd and B <= cache.shape[2] and self.cos.shape[0] >= cache.shape[4])
+        if not ok:
+            raise RuntimeError(f"FastDecoder (native): tokens {tuple(tokens.shape)} {tokens.dtype}, positions "
+                               f"{tuple(pos.shape)} {pos.dtype} or cache {cache.shape} "
+                               f"{None if kv is None else kv.dtype} do not fit the model")
+        d = self._c_dims
+        d.max_len, d.slots, d.threads = cache.shape[4], cache.shape[2], torch.get_num_threads()
+        scratch = torch.empty(kernels_cpu.scratch_floats(d))
+        logits = torch.empty((B, self.vocab))
+        p = kernels_cpu.ptr
+        if kernels_cpu.lib().decode_step(ctypes.byref(d), self._c_layers, p(self.embed), p(self.norm), p(self.head),
+                                         p(tokens), p(pos), p(self.cos), p(self.sin), p(kv), p(logits), p(scratch)):
+            raise RuntimeError(f"FastDecoder (native): a token outside [0, {self.vocab}) or a position outside "
+                               f"[0, {cache.shape[4]}) in this step")
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels_cpu
 import rollout
 from model import ModelConfig, Transformer
 from rollout import generate, sample
@@ -92,17 +93,24 @@ def test_greedy_with_stop_tokens_matches_naive_and_compacts(packed, monkeypatch)
         assert rollout.FastDecoder._cache[model][1].rows == 0
 
 
-def test_packed_gemm_decoder_matches_transposed_one_and_rebuilds_per_row_count():
-    """FastDecoder with MKL-packed GEMMs (rows in PACK_ROWS) against the x @ W_t one on the same step: logits
-    to fp32 rounding, for biases on q/k/v (Qwen2) and on o as well (Llama with attention_bias); a call with
-    another row count is refused rather than silently computed from the zero stand-in weights."""
+@pytest.mark.parametrize("native", [True, False], ids=["native-step", "torch-ops"])
+def test_packed_gemm_decoder_matches_transposed_one_and_rebuilds_per_row_count(native, monkeypatch):
+    """FastDecoder with packed GEMMs (rows in PACK_ROWS) -- the native step of kernels_cpu.c, or MKL-packed torch
+    ops -- against the x @ W_t one on the same step: logits and the K/V written to fp32 rounding, for biases on
+    q/k/v (Qwen2), on o as well (Llama with attention_bias) and q/k norms (Qwen3); a call with another row count
+    is refused rather than silently computed from weights packed for another shape."""
     if not rollout.PACKED_GEMM:
         pytest.skip("torch built without MKL")
-    for arch, kw in [("Qwen2ForCausalLM", {}), ("LlamaForCausalLM", dict(attention_bias=True))]:
+    if native and not kernels_cpu.available():
+        pytest.skip(f"native CPU step unavailable: {kernels_cpu.unavailable_reason()}")
+    monkeypatch.setattr(kernels_cpu, "USE_NATIVE", native)
+    for arch, kw in [("Qwen2ForCausalLM", {}), ("LlamaForCausalLM", dict(attention_bias=True)),
+                     ("Qwen3ForCausalLM", {})]:
         model = tiny_model(arch, **kw)
         c = model.config
         packed, plain = rollout.FastDecoder(model, rows=3), rollout.FastDecoder(model, rows=1)
-        assert (packed.rows, plain.rows) == (3, 0) and packed.nbytes > 0 and plain.nbytes > 0
+        assert (packed.rows, plain.rows, packed.native, plain.native) == (3, 0, native, False)
+        assert packed.nbytes > 0 and plain.nbytes > 0
         assert rollout.FastDecoder.packed_rows(model, rollout.PACK_ROWS[1] + 1) == 0
         assert rollout.FastDecoder.packed_rows(model.to(torch.float64), 3) == 0   # MKL packs fp32 only
         model.float()
@@ -110,17 +118,28 @@ def test_packed_gemm_decoder_matches_transposed_one_and_rebuilds_per_row_count()
         torch.manual_seed(1)
         cache._allocate(torch.zeros(()))
         cache.kv.normal_()                                        # some cached history for attention to read
+        history = cache.kv.clone()
         tokens, pos = torch.tensor([3, 7, 11]), torch.tensor([5, 0, 9])
         with torch.inference_mode():
-            got = []
+            got, kv = [], []
             for dec in (packed, plain):
+                cache.kv.copy_(history)
                 dec._rope_tables(16)
                 cache.set_decode(pos, 16)
                 got.append(dec(tokens, pos, cache))
+                kv.append(cache.kv.clone())
             torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kv[0], kv[1], atol=1e-5, rtol=1e-5)
+            assert not torch.equal(kv[0], history)               # the step wrote its K/V
             with pytest.raises(RuntimeError, match="packed for 3 rows, got 2"):
                 cache.set_decode(pos[:2], 16)
                 packed(tokens[:2], pos[:2], cache)
+            if native:   # indices the C code would follow are checked before it writes anything
+                cache.kv.copy_(history)
+                for bad_tok, bad_pos in [([3, 7, c.vocab_size], [5, 0, 9]), ([3, 7, 11], [5, 0, 16])]:
+                    with pytest.raises(RuntimeError, match="outside"):
+                        packed(torch.tensor(bad_tok), torch.tensor(bad_pos), cache)
+                assert torch.equal(cache.kv, history)
     # the cache of decoders: a call with another slot count rebuilds for it
     model = tiny_model()
     generate(model, PROMPTS, max_new_tokens=3, temperature=0)                # 4 slots

@@ -1,0 +1,217 @@
+/* kernels_cpu.c -- the small ops of one CPU decode step (fp32), for rollout.FastDecoder.
+ *
+ * On a CPU with a small decode batch, the GEMMs of a step are bound by reading the weights and everything else is
+ * bound by per-op overhead: ~100 small PyTorch calls per step cost more than the GEMMs at the bench's tiny shape.
+ * These three functions replace them, one call each per layer; the GEMMs stay with MKL. Built by kernels.py with
+ * the system C compiler on first use (see kernels.native_cpu); the PyTorch ops they replace are the specification
+ * (rollout.FastDecoder's torch path), and tests/test_kernels.py checks them against it.
+ *
+ * Layouts (all contiguous, row-major, fp32 unless said):
+ *   x, h    (B, H)                          residual stream and its normalised copy
+ *   qkv     (B, (nh + 2 nkv) D)             the q|k|v GEMM's output, bias included
+ *   kc, vc  (slots, nkv, S, D)              one layer's K and V cache; row b of the step is slot b
+ *   pos     (B,) int64                      position of row b's new token; it attends to [0, pos[b]]
+ *   cos,sin (>= max pos + 1, D)             RoPE tables, sin sign-folded: (-sin, sin) (rotate-half layout)
+ *   o       (B, nh D)                       attention output
+ * `omp simd reduction` lets the compiler vectorise the sums (-fopenmp-simd, no OpenMP runtime): like any SIMD
+ * kernel they then add in a different order than a sequential loop; results agree with PyTorch to fp32 rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+
+/* exp(x) for x <= 88, in a form the compiler can vectorise (libm's expf is a scalar call; the softmax and SiLU
+ * of a tiny-shape step make ~50,000 of them). exp(x) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f from
+ * its degree-6 Taylor polynomial in f ln 2 (relative error < 2e-7, about 2 ulp); below -87 it returns 2^-126
+ * instead of a value closer to 0, which no softmax weight or SiLU can tell apart. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = rintf(x * 1.44269504f);          /* round to nearest: one instruction */
+    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  /* x - n ln 2, ln 2 split in two for accuracy */
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;                /* 2^n as a float's exponent field */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* h = x / sqrt(mean(x^2) + eps) * w over one row of n */
+static void norm_row(const float *x, const float *w, float *h, int64_t n, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) h[i] = x[i] * r * w[i];
+}
+
+/* x += y (when y is not NULL), then h = RMSNorm(x) * w, row by row: the residual add and the next pre-norm */
+void add_rms_norm(float *x, const float *y, const float *w, float *h, int64_t rows, int64_t n, float eps) {
+    for (int64_t b = 0; b < rows; b++) {
+        float *xr = x + b * n;
+        if (y)
+            for (int64_t i = 0; i < n; i++) xr[i] += y[b * n + i];
+        norm_row(xr, w, h + b * n, n, eps);
+    }
+}
+
+/* gu (B, 2I) = gate | up  ->  out (B, I) = silu(gate) * up */
+void silu_mul(const float *gu, float *out, int64_t rows, int64_t inter) {
+    for (int64_t b = 0; b < rows; b++) {
+        const float *g = gu + b * 2 * inter, *u = g + inter;
+        #pragma omp simd
+        for (int64_t i = 0; i < inter; i++) out[b * inter + i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+    }
+}
+
+/* RoPE of one head in place: x*cos + rotate_half(x)*sin', rotate_half(x) = (x[D/2:], x[:D/2]) */
+static void rope_head(float *x, const float *c, const float *s, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] + b * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
+    }
+}
+
+/* softmax(q k^T * scale) v for one query head over n cached rows: q (D), kb/vb (n, D), out (D); sc: n floats.
+ * Always inlined into calls with a constant d, so the compiler unrolls the loops over d and keeps the output
+ * accumulator in registers. */
+static inline __attribute__((always_inline)) void attend_head(const float *q, const float *kb, const float *vb,
+                                                              float *out, float *sc, int64_t n, int64_t d,
+                                                              float scale) {
+    float m = -INFINITY, sum = 0.0f, acc[256];
+    for (int64_t t = 0; t < n; t++) {
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d; i++) dot += q[i] * kb[t * d + i];
+        sc[t] = dot * scale;
+        m = sc[t] > m ? sc[t] : m;
+    }
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; t++) {
+        sc[t] = exp_f32(sc[t] - m);
+        sum += sc[t];
+    }
+    for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < d; i++) acc[i] += sc[t] * vb[t * d + i];
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < d; i++) out[i] = acc[i] * inv;
+}
+
+/* One layer's attention for a decode step: optional per-head q/k RMSNorm (Qwen3, qk_norm (nh + nkv, D) or NULL),
+ * RoPE of q and k, K and V written into the cache at pos[b], then softmax(q k^T / sqrt(D)) v over [0, pos[b]]
+ * for every query head, whose kv head is head / (nh / nkv) (GQA). qkv is modified (q and k roped in place).
+ * scores: scratch of at least max pos + 1 floats. Head dims up to 256. */
+void decode_attention(float *qkv, const float *qk_norm, float eps, const float *cos_t, const float *sin_t,
+                      const int64_t *pos, float *kc, float *vc, float *o, float *scores, int64_t rows, int64_t nh,
+                      int64_t nkv, int64_t d, int64_t s_max, int threads) {
+    const int64_t width = (nh + 2 * nkv) * d, group = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int64_t b = 0; b < rows; b++) {
+        float *q = qkv + b * width, *k = q + nh * d, *v = k + nkv * d;
+        const int64_t p = pos[b];
+        const float *c = cos_t + p * d, *s = sin_t + p * d;
+        for (int64_t j = 0; j < nh + nkv; j++) {  /* q heads, then k heads: contiguous in qkv */
+            float *x = q + j * d;
+            if (qk_norm) norm_row(x, qk_norm + j * d, x, d, eps);
+            rope_head(x, c, s, d);
+        }
+        for (int64_t j = 0; j < nkv; j++) {
+            memcpy(kc + ((b * nkv + j) * s_max + p) * d, k + j * d, d * sizeof(float));
+            memcpy(vc + ((b * nkv + j) * s_max + p) * d, v + j * d, d * sizeof(float));
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows * nh >= 4 * threads)
+    for (int64_t bh = 0; bh < rows * nh; bh++) {
+        const int64_t b = bh / nh, hq = bh % nh, n = pos[b] + 1;
+        const float *qh = qkv + b * width + hq * d;
+        const size_t off = (size_t)(b * nkv + hq / group) * s_max * d;
+        float *out = o + bh * d, *sc = scores + (int64_t)omp_get_thread_num() * s_max;
+        switch (d) {  /* the usual head sizes get loops unrolled for them */
+        case 32: attend_head(qh, kc + off, vc + off, out, sc, n, 32, scale); break;
+        case 64: attend_head(qh, kc + off, vc + off, out, sc, n, 64, scale); break;
+        case 128: attend_head(qh, kc + off, vc + off, out, sc, n, 128, scale); break;
+        default: attend_head(qh, kc + off, vc + off, out, sc, n, d, scale);
+        }
+    }
+}
+
+/* ---- the whole decode step -------------------------------------------------------------------------------- */
+
+/* MKL's cblas_sgemm_compute (LP64), taken from the MKL inside libtorch_cpu by kernels.py: C = A op(B) + beta C
+ * with B packed by cblas_sgemm_pack(RowMajor, BMatrix, Trans, M, N, K, 1, W, K, ...), which is the format
+ * torch.ops.mkl._mkl_reorder_linear_weight(W, M) produces. */
+typedef void (*sgemm_compute_fn)(int layout, int transa, int transb, int m, int n, int k, const float *a, int lda,
+                                 const float *b, int ldb, float beta, float *c, int ldc);
+static sgemm_compute_fn sgemm_compute;
+void set_sgemm_compute(void *fn) { sgemm_compute = (sgemm_compute_fn)fn; }
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, PACKED = 151 };
+
+/* y (rows, n) = x (rows, k) W^T + beta y, W (n, k) packed for `rows` rows; then + bias (n) if given */
+static void linear(const float *x, const float *w_packed, const float *bias, float *y, int64_t rows, int64_t n,
+                   int64_t k, float beta) {
+    sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, (int)rows, (int)n, (int)k, x, (int)k, w_packed, (int)k, beta, y,
+                  (int)n);
+    if (bias)
+        for (int64_t b = 0; b < rows; b++)
+            for (int64_t i = 0; i < n; i++) y[b * n + i] += bias[i];
+}
+
+/* per layer: ln1, w_qkv, b_qkv, qk_norm, w_o, b_o, ln2, w_gu, w_down (NULL where a model has none) */
+typedef struct { const float *p[9]; } layer_t;
+
+typedef struct {
+    int64_t rows, hidden, inter, n_heads, n_kv_heads, head_dim, max_len, vocab, n_layers, slots;
+    float eps;
+    int threads;
+} dims_t;
+
+/* One decode step of a Qwen2/Qwen3/Llama decoder, exactly rollout.FastDecoder.__call__ with packed weights:
+ * tokens, pos (rows,) -> logits (rows, vocab); K/V of the new tokens written into kv (layers, 2, slots, nkv, S, D).
+ * Returns -1, having written nothing, if a token is outside the vocabulary or a position outside the cache.
+ * scratch: at least rows * (2 hidden + (nh + 2 nkv) D + nh D + 3 inter) + max_len floats
+ * (kernels_cpu.scratch_floats). */
+int decode_step(const dims_t *dm, const layer_t *layers, const float *embed, const float *final_norm,
+                const float *head, const int64_t *tokens, const int64_t *pos, const float *cos_t,
+                const float *sin_t, float *kv, float *logits, float *scratch) {
+    const int64_t B = dm->rows, H = dm->hidden, I = dm->inter, nh = dm->n_heads, nkv = dm->n_kv_heads;
+    const int64_t D = dm->head_dim, S = dm->max_len, width = (nh + 2 * nkv) * D;
+    for (int64_t b = 0; b < B; b++)  /* every index this step follows, checked before any write */
+        if (tokens[b] < 0 || tokens[b] >= dm->vocab || pos[b] < 0 || pos[b] >= S) return -1;
+    float *x = scratch, *h = x + B * H, *qkv = h + B * H, *o = qkv + B * width, *gu = o + B * nh * D;
+    float *act = gu + B * 2 * I, *scores = act + B * I;
+    for (int64_t b = 0; b < B; b++) memcpy(x + b * H, embed + tokens[b] * H, H * sizeof(float));
+    const size_t layer_kv = (size_t)dm->slots * nkv * S * D;
+    for (int64_t l = 0; l < dm->n_layers; l++) {
+        const float *const *w = layers[l].p;
+        add_rms_norm(x, NULL, w[0], h, B, H, dm->eps);
+        linear(h, w[1], w[2], qkv, B, width, H, 0.0f);
+        float *kc = kv + 2 * l * layer_kv, *vc = kc + layer_kv;
+        decode_attention(qkv, w[3], dm->eps, cos_t, sin_t, pos, kc, vc, o, scores, B, nh, nkv, D, S, dm->threads);
+        linear(o, w[4], NULL, x, B, H, nh * D, 1.0f);                 /* x += o W_o^T: the residual in the GEMM */
+        if (w[5])
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = 0; i < H; i++) x[b * H + i] += w[5][i];
+        add_rms_norm(x, NULL, w[6], h, B, H, dm->eps);
+        linear(h, w[7], NULL, gu, B, 2 * I, H, 0.0f);
+        silu_mul(gu, act, B, I);
+        linear(act, w[8], NULL, x, B, H, I, 1.0f);                    /* x += act W_down^T */
+    }
+    add_rms_norm(x, NULL, final_norm, h, B, H, dm->eps);
+    linear(h, head, NULL, logits, B, dm->vocab, H, 0.0f);
+    return 0;
+}
