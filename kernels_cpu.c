@@ -149,6 +149,67 @@ void decode_attention(float *qkv, const float *qk_norm, float eps, const float *
     }
 }
 
+/* Sampling from softmax(logits / T) by inverse CDF, row by row, as rollout.sample does without top-k/top-p:
+ * z = logits / T, logp = z - logsumexp(z) (fp32), cdf = cumsum(exp(logp)) in fp64, token = the first index whose
+ * cdf exceeds u * cdf[V-1] (u in [0, 1) from the caller's seeded generator), logprob = logp[token]. The cumsum is
+ * two-level (blocks of 64 summed with SIMD, then a sequential scan inside the block that holds the target), so
+ * it rounds differently from a sequential one; a token of probability 0 is still never drawn, since the running
+ * sum only crosses the target where a positive term is added. scratch: vocab + 2 * ceil(vocab / 64) floats. */
+enum { SAMPLE_BLOCK = 64 };
+
+void sample_rows(const float *logits, int64_t rows, int64_t vocab, float temperature, const double *u,
+                 int64_t *tokens, float *logprobs, float *scratch) {
+    const int64_t nblk = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    float *p = scratch;
+    double *block_sum = (double *)(scratch + vocab + (vocab & 1));     /* 8-byte aligned after p */
+    for (int64_t b = 0; b < rows; b++) {
+        const float *l = logits + b * vocab;
+        float m = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < vocab; i++) {
+            p[i] = l[i] / temperature;
+            m = p[i] > m ? p[i] : m;
+        }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < vocab; i++) sum += exp_f32(p[i] - m);
+        const float lse = m + logf(sum);
+        double total = 0.0;
+        for (int64_t k = 0; k < nblk; k++) {
+            const int64_t lo = k * SAMPLE_BLOCK, hi = lo + SAMPLE_BLOCK < vocab ? lo + SAMPLE_BLOCK : vocab;
+            double bs = 0.0;
+#pragma omp simd reduction(+ : bs)
+            for (int64_t i = lo; i < hi; i++) {
+                p[i] = exp_f32(p[i] - lse);                            /* exp(logp), as the torch path */
+                bs += p[i];
+            }
+            block_sum[k] = bs;
+            total += bs;
+        }
+        const double target = u[b] * total;
+        int64_t tok = vocab - 1;                                       /* no mass at all (NaN logits): the last */
+        double cdf = 0.0;
+        for (int64_t k = 0; k < nblk; k++) {
+            if (cdf + block_sum[k] <= target) {
+                cdf += block_sum[k];
+                continue;
+            }
+            const int64_t lo = k * SAMPLE_BLOCK, hi = lo + SAMPLE_BLOCK < vocab ? lo + SAMPLE_BLOCK : vocab;
+            tok = -1;
+            for (int64_t i = lo; i < hi && tok < 0; i++) {
+                cdf += p[i];
+                if (cdf > target) tok = i;
+            }
+            /* the block's SIMD sum crossed the target but the sequential one did not (rounding): its last token
+             * of positive probability, which exists because the block's sum is positive */
+            for (int64_t i = hi - 1; tok < 0; i--)
+                if (p[i] > 0.0f) tok = i;
+            break;
+        }
+        tokens[b] = tok;
+        logprobs[b] = l[tok] / temperature - lse;
+    }
+}
+
 /* ---- the whole decode step -------------------------------------------------------------------------------- */
 
 /* MKL's cblas_sgemm_compute (LP64), taken from the MKL inside libtorch_cpu by kernels.py: C = A op(B) + beta C

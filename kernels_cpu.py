@@ -99,6 +99,7 @@ def _load():
     ptr = ctypes.c_void_p
     lib.decode_step.argtypes = [ptr] * 12
     lib.decode_step.restype = ctypes.c_int
+    lib.sample_rows.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ptr, ptr, ptr, ptr]
     lib.silu_mul.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_int64]
     lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
     lib.decode_attention.argtypes = [ptr, ptr, ctypes.c_float] + [ptr] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
@@ -148,3 +149,13 @@ def scratch_floats(d: Dims) -> int:
     """Floats of scratch memory decode_step needs (kernels_cpu.c's layout)."""
     per_row = 2 * d.hidden + (d.n_heads + 2 * d.n_kv_heads) * d.head_dim + d.n_heads * d.head_dim + 3 * d.inter
     return d.rows * per_row + max(d.threads, 1) * d.max_len
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) fp32 contiguous CPU, u (B,) fp64 uniforms -> (tokens (B,) long, logprobs (B,) fp32): inverse-
+    CDF sampling from softmax(logits / temperature), rollout.sample's method for top_k = 0 and top_p = 1."""
+    B, V = logits.shape
+    scratch = torch.empty(V + 2 + 2 * ((V + 63) // 64))     # kernels_cpu.c's layout; alive during the call
+    tok, lp = torch.empty(B, dtype=torch.long), torch.empty(B)
+    _state["lib"].sample_rows(ptr(logits), B, V, temperature, ptr(u), ptr(tok), ptr(lp), ptr(scratch))
+    return tok, lp
