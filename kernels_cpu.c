@@ -26,12 +26,14 @@
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
-/* exp(x) for x <= 88, in a form the compiler can vectorise (libm's expf is a scalar call; the softmax and SiLU
- * of a tiny-shape step make ~50,000 of them). exp(x) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f from
- * its degree-6 Taylor polynomial in f ln 2 (relative error < 2e-7, about 2 ulp); below -87 it returns 2^-126
- * instead of a value closer to 0, which no softmax weight or SiLU can tell apart. */
+/* exp(x) in a form the compiler can vectorise (libm's expf is a scalar call; the softmax and SiLU of a
+ * tiny-shape step make ~50,000 of them). exp(x) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f from its
+ * degree-6 Taylor polynomial in f ln 2 (relative error < 2e-7, about 2 ulp). Above 88 it returns +inf (a little
+ * before the float limit, 88.72), below -87 about 2^-126 instead of a smaller value: no softmax weight (x <= 0)
+ * or SiLU can tell either apart. */
 static inline float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : x;
+    const float big = x > 88.0f ? INFINITY : 1.0f;
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
     const float n = rintf(x * 1.44269504f);          /* round to nearest: one instruction */
     const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  /* x - n ln 2, ln 2 split in two for accuracy */
     float p = 1.0f / 720.0f;
@@ -44,7 +46,7 @@ static inline float exp_f32(float x) {
     const int32_t bits = ((int32_t)n + 127) << 23;                /* 2^n as a float's exponent field */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return p * scale * big;
 }
 
 /* h = x / sqrt(mean(x^2) + eps) * w over one row of n */

@@ -1,0 +1,171 @@
+"""kernels_cpu.c (the native CPU decode step and sampler) against their specification: rollout.FastDecoder's
+PyTorch ops, rollout.sample's torch path, naive float64 computations; plus its fallback when it cannot build."""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels_cpu
+import rollout
+from model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.skipif(not kernels_cpu.available(),
+                                reason=f"native CPU kernels unavailable: {kernels_cpu.unavailable_reason()}")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("head_dim", [12, 32, 64, 128])       # 32/64/128: unrolled copies; 12: the generic one
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (7, 1)])   # GQA groups 1, 2, 7
+def test_decode_step_matches_torch_ops(heads, head_dim, threads):
+    """One decode step through the native code and through FastDecoder's torch ops (x @ W_t layout): logits and
+    the K/V written, with a cached history to attend to, positions 0 (one key) up to the last cache row, and the
+    attention heads split over 1 or 2 OpenMP threads."""
+    nh, nkv = heads
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny("Qwen2ForCausalLM", num_heads=nh, num_kv_heads=nkv,
+                                         head_dim=head_dim)).eval()
+    c = model.config
+    rows, S = 5, 24
+    native, plain = rollout.FastDecoder(model, rows=rows), rollout.FastDecoder(model, rows=1)
+    assert native.native and not plain.native
+    cache = rollout.KVCache(c.num_layers, rows + 1, nkv, S, head_dim)
+    cache._allocate(torch.zeros(()))
+    cache.kv.normal_()
+    history = cache.kv.clone()
+    tokens, pos = torch.tensor([3, 90, 0, 41, 7]), torch.tensor([0, 9, 23, 1, 16])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out = []
+            for dec in (native, plain):
+                cache.kv.copy_(history)
+                dec._rope_tables(S)
+                cache.set_decode(pos, S)
+                out.append((dec(tokens, pos, cache), cache.kv.clone()))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out[0][0], out[1][0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-6, rtol=1e-6)
+    changed = (out[0][1] != history).any(-1)                   # (layers, 2, slots, nkv, S): rows written
+    assert changed.sum() == c.num_layers * 2 * rows * nkv      # exactly one position per row, kv head, layer
+    assert not changed[:, :, rows].any()                       # the slot past the step's rows is untouched
+
+
+def test_sample_rows_matches_torch_sampler(monkeypatch):
+    """Same uniforms, same tokens as rollout.sample's torch ops (both invert the fp64 CDF; they round the
+    cumulative sum differently, which moves a boundary by ~1e-16 of the mass), log-probs to fp32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    for V, T in [(11, 0.7), (4096, 1.0), (50_000, 1.3)]:
+        logits = torch.randn(64, V, generator=gen) * 3
+        monkeypatch.setattr(kernels_cpu, "USE_NATIVE", False)
+        want_tok, want_lp = rollout.sample(logits, T, 0, 1.0, torch.Generator().manual_seed(V))
+        monkeypatch.setattr(kernels_cpu, "USE_NATIVE", True)
+        got_tok, got_lp = rollout.sample(logits, T, 0, 1.0, torch.Generator().manual_seed(V))
+        assert torch.equal(got_tok, want_tok)
+        torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
+        ref = torch.log_softmax(logits.double() / T, -1).gather(-1, got_tok[:, None])[:, 0]
+        torch.testing.assert_close(got_lp.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_sample_rows_never_draws_a_token_of_probability_zero():
+    """Masked (-inf) logits have probability 0: no uniform draws them, not u = 0, not u next to 1, and not
+    across the 64-token block boundaries of the two-level scan."""
+    V = 300
+    logits = torch.full((1, V), float("-inf"))
+    keep = [0, 63, 64, 127, 130, 299]                         # block edges on both sides
+    logits[0, keep] = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -2.0])
+    us = torch.tensor([0.0, 1e-12, 0.25, 0.5, 0.75, 0.999999, 1 - 2**-53], dtype=torch.float64)
+    toks = [int(kernels_cpu.sample_rows(logits, 1.0, u[None])[0]) for u in us]
+    assert set(toks) <= set(keep) and toks == sorted(toks)   # the inverse CDF is monotone in u
+    p = torch.softmax(logits[0].double(), -1)
+    cdf = p.cumsum(0)
+    # hand-check: u = 0.5 falls where the fp64 CDF first exceeds 0.5
+    assert toks[3] == int((cdf > 0.5).nonzero()[0])
+
+
+def test_sample_rows_matches_the_intended_distribution():
+    """40,000 draws from softmax(log p / 0.7) of a 4-token p: frequencies within 5 standard errors of the
+    hand-computed distribution, which is more than 10 standard errors from p itself (the test can fail)."""
+    p = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    want = p ** (1 / 0.7) / (p ** (1 / 0.7)).sum()
+    N = 40_000
+    logits = p.log().float().expand(N, 4).contiguous()
+    tok, lp = kernels_cpu.sample_rows(logits, 0.7, torch.rand(N, generator=torch.Generator().manual_seed(3),
+                                                               dtype=torch.float64))
+    freq = torch.bincount(tok, minlength=4).double() / N
+    sigma = (want * (1 - want) / N).sqrt()
+    assert ((freq - want).abs() <= 5 * sigma).all(), (freq, want)
+    assert ((p - want).abs() > 10 * sigma).any()
+    torch.testing.assert_close(lp.double(), want.log()[tok], atol=1e-6, rtol=0)
+
+
+def test_silu_and_exp_accuracy():
+    """The vectorised exp inside SiLU and softmax: SiLU(g) * u against float64 to ~2 ulp over the whole
+    range, including where exp over- or underflows."""
+    g = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-87.5, -88.7, 88.0, 0.0, -1e-30])])
+    gu = torch.stack([g, torch.full_like(g, 1.5)]).reshape(1, -1).contiguous()   # one row: gate | up
+    out = torch.empty(g.shape[0])
+    kernels_cpu.lib().silu_mul(gu.data_ptr(), out.data_ptr(), 1, g.shape[0])
+    ref = torch.nn.functional.silu(g.double()) * 1.5
+    torch.testing.assert_close(out.double(), ref, atol=1e-30, rtol=5e-7)
+
+
+def test_add_rms_norm_matches_torch():
+    torch.manual_seed(2)
+    x, y, w = torch.randn(3, 40), torch.randn(3, 40), torch.randn(40)
+    h = torch.empty(3, 40)
+    xs = x.clone()
+    kernels_cpu.lib().add_rms_norm(xs.data_ptr(), y.data_ptr(), w.data_ptr(), h.data_ptr(), 3, 40,
+                                   ctypes.c_float(1e-6))
+    torch.testing.assert_close(xs, x + y, atol=0, rtol=0)
+    ref = torch.nn.functional.rms_norm((x + y).double(), (40,), w.double(), 1e-6)
+    torch.testing.assert_close(h.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_without_a_compiler_the_sampler_falls_back(tmp_path):
+    """No C compiler (or RETU_NO_NATIVE=1): kernels_cpu says why it is unavailable and generate() runs on the
+    PyTorch ops, giving the naive loop's greedy tokens."""
+    code = (
+        "import kernels_cpu, rollout, torch\n"
+        "from model import ModelConfig, Transformer\n"
+        "print('reason:', kernels_cpu.unavailable_reason())\n"
+        "torch.manual_seed(0); m = Transformer(ModelConfig.tiny()).eval()\n"
+        "outs = rollout.generate(m, [[5, 6, 7], [9, 9]], max_new_tokens=6, temperature=0)\n"
+        "assert not rollout.FastDecoder._cache[m][1].native\n"
+        "ids = [5, 6, 7]\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(6): ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))\n"
+        "assert outs[0].token_ids == ids[3:], (outs[0].token_ids, ids[3:])\n"
+        "print('ok')\n")
+    r = run_python(code, CC=str(tmp_path / "no-such-cc"), RETU_CACHE=str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    assert "reason: no C compiler" in r.stdout and "ok" in r.stdout
+    assert not (tmp_path / "cache").exists()
+    r = run_python(code, RETU_NO_NATIVE="1")
+    assert r.returncode == 0, r.stderr
+    assert "reason: switched off" in r.stdout
+
+
+def test_build_is_cached_per_source(tmp_path):
+    """The library is built once into RETU_CACHE under a name keyed by the source; a second process loads it."""
+    code = "import kernels_cpu; assert kernels_cpu.available(), kernels_cpu.unavailable_reason(); print('ok')"
+    built = []
+    for _ in range(2):
+        r = run_python(code, RETU_CACHE=str(tmp_path))
+        assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+        built.append([(p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()])
+    assert len(built[0]) == 1 and built[0][0][0].startswith("kernels_cpu-") and built[0][0][0].endswith(".so")
+    assert built[1] == built[0]                                # loaded, not rebuilt; no temporary left behind
