@@ -29,14 +29,16 @@ The design follows nano-vllm and gpt-fast, minus paging:
 * **CPU decode step** (`FastDecoder`, on unless `FAST_CPU_DECODE = False`; not under FSDP): at a small batch a
   CPU step is bound by per-op overhead and small GEMMs, so the step runs from copies of the weights with q/k/v
   and gate/up fused and every matrix pre-transposed, in fewer ops; for 2-16 slots in fp32 the matrices are
-  packed by MKL for the slot count instead (`PACKED_GEMM`), and each decode forward computes every slot (free
-  ones ride along, their rows dropped before sampling). The copies are kept per model and rebuilt whenever a
-  parameter changed in place (version counters), so RL never samples stale weights.
+  packed by MKL for the slot count instead (`PACKED_GEMM`), each decode forward computes every slot (free ones
+  ride along, their rows dropped before sampling), and the whole step runs in one call of native code
+  (kernels_cpu.c: MKL's packed sgemm plus C loops for the rest) where it builds, the torch ops otherwise. The
+  copies are kept per model and rebuilt whenever a parameter changed in place (version counters), so RL never
+  samples stale weights.
 * **CUDA graphs** (`cuda_graph=True`, off by default until measured on a GPU): every step runs all slots at
   the full cache length, so its shapes never change and it is captured once per call and replayed.
 * **Sampling on device**: temperature, then top-k, then top-p (the order of vLLM and HF), then inverse-CDF
-  sampling with one seeded uniform per sequence; the only host sync per step is reading the new tokens when
-  stop tokens are set (lengths are tracked on host).
+  sampling with one seeded uniform per sequence (on CPU without top-k/top-p: one native pass per row); the only
+  host sync per step is reading the new tokens when stop tokens are set (lengths are tracked on host).
 
 Log-probs: each returned log-prob is log q(token), where q is the distribution the token was drawn from:
 softmax(logits / T) restricted to the top-k / top-p set and renormalised. With top_k = 0 and top_p = 1 (the
@@ -273,12 +275,15 @@ class FastDecoder:
       product with a transposed view) at 4-16 rows on the 2-core dev CPU, for the bench's tiny and 0.5B shapes;
     * with `rows` in PACK_ROWS and fp32 weights, the matrices are instead packed by MKL for exactly `rows` rows
       (see PACKED_GEMM), and every step must then compute that many rows (the engine runs all its slots);
+    * packed, the step runs in native code where kernels_cpu.c builds (`native`): one call computes the whole
+      step, GEMMs through MKL's packed sgemm and the rest (norms, RoPE, cache writes, attention, SiLU) as C
+      loops, so no op pays PyTorch's per-call overhead; the torch ops below are its specification and fallback;
     * the residual adds ride in the GEMMs (`addmm(x, o, W_o)`; packed: an in-place add after), RoPE is
       `x * cos + roll(x, D/2) * sin'` with sin' = (-sin, sin) read from a table, K and V are written into the
       cache with one `index_copy_`.
 
-    A tiny-shape step makes 740 aten calls (nested ones and views included) instead of 1,049 through
-    model.forward. Numerics: the operations of `model.py` in the model dtype, except that RMSNorm is `F.rms_norm`
+    Through the torch ops a tiny-shape step makes 740 aten calls (nested ones and views included) instead of
+    1,049 through model.forward; natively, one. Numerics: the operations of `model.py` in the model dtype, except that RMSNorm is `F.rms_norm`
     (it multiplies by the weight before rounding to a low-precision dtype, HF after) and the GEMMs round
     differently; log-probs agree with a full forward to 1e-5 in fp32 (tested). The copies cost one more model's
     worth of memory transposed; packed, 1.7x the model at the 0.5B shape and 8x at the bench's tiny one (MKL pads
@@ -294,8 +299,7 @@ class FastDecoder:
         self.inv_freq = model.inv_freq
         self.cos = self.sin = None
         self.rows = self.packed_rows(model, rows)
-        # packed rows: the whole step in native code where it builds (kernels_cpu), else MKL-packed torch ops
-        self.native = bool(self.rows) and self.hd <= 256 and kernels_cpu.available()
+        self.native = self.native_step(model, self.rows)
         if self.native:
             prep = lambda w: kernels_cpu.pack_weight(w, self.rows)  # noqa: E731
         else:
@@ -333,6 +337,12 @@ class FastDecoder:
         fp32 = model.embed_tokens.weight.dtype == torch.float32
         return rows if PACKED_GEMM and fp32 and PACK_ROWS[0] <= rows <= PACK_ROWS[1] else 0
 
+    @staticmethod
+    def native_step(model, rows: int) -> bool:
+        """Whether a decoder packed for `rows` rows runs its step in native code (kernels_cpu.c) rather than
+        MKL-packed torch ops: where that code builds and loads, for head dims up to 256."""
+        return bool(rows) and model.config.head_dim <= 256 and kernels_cpu.available()
+
     def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W (out, in) -> (MKL's packed W for self.rows rows, a zero-stride (out, in) stand-in). The op reads the
         stand-in's shape only; its values would be read if the row count did not match, which `_mm` rules out."""
@@ -368,7 +378,9 @@ class FastDecoder:
         params = list(model.parameters())
         key = None if any(p.is_inference() for p in params) else tuple((p.data_ptr(), p._version) for p in params)
         hit = cls._cache.get(model)
-        if hit is None or key is None or hit[0] != key or hit[1].rows != cls.packed_rows(model, rows):
+        want_rows = cls.packed_rows(model, rows)
+        if hit is None or key is None or hit[0] != key or hit[1].rows != want_rows \
+                or hit[1].native != cls.native_step(model, want_rows):
             cls._cache.pop(model, None)  # free the old copies before building new ones
             hit = (key, cls(model, rows))
             if key is not None:

@@ -6,9 +6,11 @@
 
 Baselines: a no-cache loop (re-runs the full forward over prompt + generated tokens every step, same sampler;
 on CPU only, one run) and HF transformers `generate` when transformers is importable (a bench-only extra, not a
-test dependency). On CPU two more rows show where the speed comes from: the decode step through model.forward
-(rollout.FAST_CPU_DECODE off), and a weight update before each call, as in RL, so that FastDecoder's regrouped
-weights are rebuilt inside the timed call (otherwise they are reused between calls; their build time is printed).
+test dependency). On CPU three more rows show where the speed comes from: FastDecoder's torch ops instead of the
+native step and sampler of kernels_cpu.c (kernels_cpu.USE_NATIVE off), the decode step through model.forward
+(rollout.FAST_CPU_DECODE off, torch sampler), and a weight update before each call, as in RL, so that
+FastDecoder's regrouped weights are rebuilt inside the timed call (otherwise they are reused between calls; their
+build time is printed).
 All engines load the same random-weight checkpoint written by `model.save_pretrained`, and every run samples
 (no stop tokens) so all of them generate exactly the same number of tokens.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels_cpu  # noqa: E402
 import rollout  # noqa: E402
 from model import ModelConfig, Transformer, from_pretrained, save_pretrained  # noqa: E402
 from rollout import generate, sample  # noqa: E402
@@ -128,14 +131,14 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
     # (as in RL: FastDecoder's regrouped weights are rebuilt each time; otherwise they are reused between calls)
     variants = [("", False, True, False), (" cuda_graph", True, True, False)] if device.type == "cuda" else \
         [("", False, True, False), (" (weights updated before the call)", False, True, True),
-         (" (model.forward decode)", False, False, False)]
+         (" (native code off: torch ops)", False, "torch", False), (" (model.forward decode)", False, False, False)]
     for suffix, cuda_graph, fast, update in variants:
         def ours(cuda_graph=cuda_graph, fast=fast, update=update):
             if update:
                 model.norm.weight.add_(0.0)  # an in-place write: a new version of the weights
-            rollout.FAST_CPU_DECODE = fast
+            rollout.FAST_CPU_DECODE, kernels_cpu.USE_NATIVE = bool(fast), fast is True
             outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)
-            rollout.FAST_CPU_DECODE = True
+            rollout.FAST_CPU_DECODE, kernels_cpu.USE_NATIVE = True, True
             assert sum(len(o.token_ids) for o in outs) == batch * new
         engines["rollout.generate" + suffix] = ours
     if hf is not None:
@@ -155,6 +158,8 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
             dec = rollout.FastDecoder(model, batch)
             model_mb = sum(p.nbytes for p in model.parameters()) / 2**20
             layout = f"MKL-packed for {dec.rows} rows" if dec.rows else "transposed"
+            layout += f", native step ({kernels_cpu.SOURCE.name})" if dec.native else \
+                f", torch ops (native step: {kernels_cpu.unavailable_reason() or 'not for this shape'})"
             print(f"# {label}: FastDecoder weight regrouping {build * 1e3:.1f} ms "
                   f"({build / best['rollout.generate']:.1%} of a generate() call that reuses them); "
                   f"{layout}: {dec.nbytes / 2**20:,.0f} MB "
