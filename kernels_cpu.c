@@ -151,20 +151,24 @@ void decode_attention(float *qkv, const float *qk_norm, float eps, const float *
     }
 }
 
-/* Sampling from softmax(logits / T) by inverse CDF, row by row, as rollout.sample does without top-k/top-p:
- * z = logits / T, logp = z - logsumexp(z) (fp32), cdf = cumsum(exp(logp)) in fp64, token = the first index whose
- * cdf exceeds u * cdf[V-1] (u in [0, 1) from the caller's seeded generator), logprob = logp[token]. The cumsum is
+/* Sampling from softmax(logits / T) by inverse CDF, as rollout.sample does without top-k/top-p: z = logits / T,
+ * p = exp(z - max) / sum (fp32), cdf = cumsum(p) in fp64, token = the first index whose cdf exceeds
+ * u * cdf[V-1] (u in [0, 1) from the caller's seeded generator), logprob = z[token] - logsumexp(z). The cumsum is
  * two-level (blocks of 64 summed with SIMD, then a sequential scan inside the block that holds the target), so
  * it rounds differently from a sequential one; a token of probability 0 is still never drawn, since the running
- * sum only crosses the target where a positive term is added. scratch: vocab + 2 * ceil(vocab / 64) floats. */
+ * sum only crosses the target where a positive term is added. Rows are split over `threads` OpenMP threads;
+ * scratch: threads * sample_scratch_floats(vocab) floats. */
 enum { SAMPLE_BLOCK = 64 };
 
+int64_t sample_scratch_floats(int64_t vocab) { return vocab + 2 + 2 * ((vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK); }
+
 void sample_rows(const float *logits, int64_t rows, int64_t vocab, float temperature, const double *u,
-                 int64_t *tokens, float *logprobs, float *scratch) {
+                 int64_t *tokens, float *logprobs, float *scratch, int threads) {
     const int64_t nblk = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
-    float *p = scratch;
-    double *block_sum = (double *)(scratch + vocab + (vocab & 1));     /* 8-byte aligned after p */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows > 1)
     for (int64_t b = 0; b < rows; b++) {
+        float *p = scratch + (int64_t)omp_get_thread_num() * sample_scratch_floats(vocab);
+        double *block_sum = (double *)(p + vocab + (vocab & 1));       /* 8-byte aligned after p */
         const float *l = logits + b * vocab;
         float m = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : m)
@@ -173,15 +177,18 @@ void sample_rows(const float *logits, int64_t rows, int64_t vocab, float tempera
             m = p[i] > m ? p[i] : m;
         }
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < vocab; i++) sum += exp_f32(p[i] - m);
-        const float lse = m + logf(sum);
+        for (int64_t i = 0; i < vocab; i++) {
+            p[i] = exp_f32(p[i] - m);
+            sum += p[i];
+        }
+        const float inv = 1.0f / sum;
         double total = 0.0;
         for (int64_t k = 0; k < nblk; k++) {
             const int64_t lo = k * SAMPLE_BLOCK, hi = lo + SAMPLE_BLOCK < vocab ? lo + SAMPLE_BLOCK : vocab;
             double bs = 0.0;
 #pragma omp simd reduction(+ : bs)
             for (int64_t i = lo; i < hi; i++) {
-                p[i] = exp_f32(p[i] - lse);                            /* exp(logp), as the torch path */
+                p[i] *= inv;
                 bs += p[i];
             }
             block_sum[k] = bs;
@@ -208,7 +215,7 @@ void sample_rows(const float *logits, int64_t rows, int64_t vocab, float tempera
             break;
         }
         tokens[b] = tok;
-        logprobs[b] = l[tok] / temperature - lse;
+        logprobs[b] = l[tok] / temperature - (m + logf(sum));
     }
 }
 

@@ -99,7 +99,9 @@ def _load():
     ptr = ctypes.c_void_p
     lib.decode_step.argtypes = [ptr] * 12
     lib.decode_step.restype = ctypes.c_int
-    lib.sample_rows.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ptr, ptr, ptr, ptr]
+    lib.sample_rows.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float] + [ptr] * 4 + [ctypes.c_int]
+    lib.sample_scratch_floats.restype = ctypes.c_int64
+    lib.sample_scratch_floats.argtypes = [ctypes.c_int64]
     lib.silu_mul.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_int64]
     lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
     lib.decode_attention.argtypes = [ptr, ptr, ctypes.c_float] + [ptr] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
@@ -155,7 +157,8 @@ def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tu
     """logits (B, V) fp32 contiguous CPU, u (B,) fp64 uniforms -> (tokens (B,) long, logprobs (B,) fp32): inverse-
     CDF sampling from softmax(logits / temperature), rollout.sample's method for top_k = 0 and top_p = 1."""
     B, V = logits.shape
-    scratch = torch.empty(V + 2 + 2 * ((V + 63) // 64))     # kernels_cpu.c's layout; alive during the call
+    lib, threads = _state["lib"], torch.get_num_threads()
+    scratch = torch.empty(threads * lib.sample_scratch_floats(V))   # alive during the call
     tok, lp = torch.empty(B, dtype=torch.long), torch.empty(B)
-    _state["lib"].sample_rows(ptr(logits), B, V, temperature, ptr(u), ptr(tok), ptr(lp), ptr(scratch))
+    lib.sample_rows(ptr(logits), B, V, temperature, ptr(u), ptr(tok), ptr(lp), ptr(scratch), threads)
     return tok, lp

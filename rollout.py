@@ -283,13 +283,13 @@ class FastDecoder:
       cache with one `index_copy_`.
 
     Through the torch ops a tiny-shape step makes 740 aten calls (nested ones and views included) instead of
-    1,049 through model.forward; natively, one. Numerics: the operations of `model.py` in the model dtype, except that RMSNorm is `F.rms_norm`
-    (it multiplies by the weight before rounding to a low-precision dtype, HF after) and the GEMMs round
-    differently; log-probs agree with a full forward to 1e-5 in fp32 (tested). The copies cost one more model's
-    worth of memory transposed; packed, 1.7x the model at the 0.5B shape and 8x at the bench's tiny one (MKL pads
-    small matrices; `nbytes`). They take 1.2-1.6 s to build for a 0.5B fp32 model;
-    `for_model` keeps them between calls while the weights and the row count are unchanged and rebuilds them after
-    any in-place update (see there).
+    1,049 through model.forward; natively, one. Numerics: the operations of `model.py` in the model dtype, except
+    that RMSNorm is `F.rms_norm` (it multiplies by the weight before rounding to a low-precision dtype, HF after)
+    and the GEMMs and the native code's sums round differently; log-probs agree with a full forward to 1e-5 in
+    fp32 (tested). The copies cost one more model's worth of memory transposed; packed, 1.7x the model at the 0.5B
+    shape and 8x at the bench's tiny one (MKL pads small matrices; `nbytes`). They take 0.6-1.6 s to build for a
+    0.5B fp32 model; `for_model` keeps them between calls while the weights, the row count and the native choice
+    are unchanged and rebuilds them after any in-place update (see there).
     """
 
     def __init__(self, model, rows: int = 0):

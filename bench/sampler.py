@@ -24,6 +24,7 @@ This is not a test: numbers depend on the machine and on what else runs on it.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -132,12 +133,16 @@ def run(shape, batch, plen, new, device, dtype, skip_no_cache, skip_hf, rows):
     variants = [("", False, True, False), (" cuda_graph", True, True, False)] if device.type == "cuda" else \
         [("", False, True, False), (" (weights updated before the call)", False, True, True),
          (" (native code off: torch ops)", False, "torch", False), (" (model.forward decode)", False, False, False)]
+    # the torch-ops variant decodes a copy of the model: FastDecoder keeps one decoder per model, and switching
+    # between native and torch ops on one model would rebuild it inside every timed call
+    twin = copy.deepcopy(model) if device.type == "cpu" else None
     for suffix, cuda_graph, fast, update in variants:
         def ours(cuda_graph=cuda_graph, fast=fast, update=update):
             if update:
                 model.norm.weight.add_(0.0)  # an in-place write: a new version of the weights
             rollout.FAST_CPU_DECODE, kernels_cpu.USE_NATIVE = bool(fast), fast is True
-            outs = generate(model, plist, max_new_tokens=new, temperature=TEMPERATURE, seed=0, cuda_graph=cuda_graph)
+            outs = generate(twin if fast == "torch" else model, plist, max_new_tokens=new, temperature=TEMPERATURE,
+                            seed=0, cuda_graph=cuda_graph)
             rollout.FAST_CPU_DECODE, kernels_cpu.USE_NATIVE = True, True
             assert sum(len(o.token_ids) for o in outs) == batch * new
         engines["rollout.generate" + suffix] = ours
