@@ -701,9 +701,9 @@ class _Engine:
             n_fwd = self.slots if self.pad_rows else hi
             logits = self._forward_rows(n_fwd, max(self.h_pos[s] for s in live) + 1)[:hi]
         tok, lp = sample(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.gen)  # (hi,)
-        rows = self.cache.rows[:hi]
-        self.out_tok[rows, self.count[:hi]] = tok
-        self.out_lp[rows, self.count[:hi]] = lp
+        at = self.count[:hi, None]                       # row b's next output column (0 for a free row)
+        self.out_tok[:hi].scatter_(1, at, tok[:, None])
+        self.out_lp[:hi].scatter_(1, at, lp[:, None])
         self.tokens_in[:hi] = tok
         self.pos[:hi] += self.live[:hi]
         self.count[:hi] += self.live[:hi]
