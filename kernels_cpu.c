@@ -1,10 +1,10 @@
-/* kernels_cpu.c -- the small ops of one CPU decode step (fp32), for rollout.FastDecoder.
+/* kernels_cpu.c -- one whole CPU decode step (fp32) and the sampler, for rollout.FastDecoder and rollout.sample.
  *
- * On a CPU with a small decode batch, the GEMMs of a step are bound by reading the weights and everything else is
- * bound by per-op overhead: ~100 small PyTorch calls per step cost more than the GEMMs at the bench's tiny shape.
- * These three functions replace them, one call each per layer; the GEMMs stay with MKL. Built by kernels.py with
- * the system C compiler on first use (see kernels.native_cpu); the PyTorch ops they replace are the specification
- * (rollout.FastDecoder's torch path), and tests/test_kernels.py checks them against it.
+ * On a CPU with a small decode batch, the GEMMs of a step are bound by reading the weights and everything else by
+ * per-op overhead: the ~740 small PyTorch calls of a tiny-shape step cost more than its GEMMs. decode_step()
+ * computes the step in one call: the GEMMs through MKL's packed sgemm, the rest as the C loops below. Built with
+ * the system C compiler on first use by kernels_cpu.py; the PyTorch ops they replace (rollout.FastDecoder's torch
+ * path, rollout.sample) are the specification, and tests/test_kernels_cpu.py checks them against it.
  *
  * Layouts (all contiguous, row-major, fp32 unless said):
  *   x, h    (B, H)                          residual stream and its normalised copy
@@ -13,8 +13,9 @@
  *   pos     (B,) int64                      position of row b's new token; it attends to [0, pos[b]]
  *   cos,sin (>= max pos + 1, D)             RoPE tables, sin sign-folded: (-sin, sin) (rotate-half layout)
  *   o       (B, nh D)                       attention output
- * `omp simd reduction` lets the compiler vectorise the sums (-fopenmp-simd, no OpenMP runtime): like any SIMD
- * kernel they then add in a different order than a sequential loop; results agree with PyTorch to fp32 rounding.
+ * `omp simd reduction` lets the compiler vectorise sums: like any SIMD kernel they then add in another order than
+ * a sequential loop, so results agree with PyTorch to fp32 rounding, not bit for bit. `omp parallel for` splits
+ * attention heads and sampled rows over torch's own OpenMP threads (the same libgomp, already loaded).
  */
 #include <math.h>
 #include <stdint.h>
@@ -58,14 +59,9 @@ static void norm_row(const float *x, const float *w, float *h, int64_t n, float 
     for (int64_t i = 0; i < n; i++) h[i] = x[i] * r * w[i];
 }
 
-/* x += y (when y is not NULL), then h = RMSNorm(x) * w, row by row: the residual add and the next pre-norm */
-void add_rms_norm(float *x, const float *y, const float *w, float *h, int64_t rows, int64_t n, float eps) {
-    for (int64_t b = 0; b < rows; b++) {
-        float *xr = x + b * n;
-        if (y)
-            for (int64_t i = 0; i < n; i++) xr[i] += y[b * n + i];
-        norm_row(xr, w, h + b * n, n, eps);
-    }
+/* h = RMSNorm(x) * w, row by row */
+void rms_norm_rows(const float *x, const float *w, float *h, int64_t rows, int64_t n, float eps) {
+    for (int64_t b = 0; b < rows; b++) norm_row(x + b * n, w, h + b * n, n, eps);
 }
 
 /* gu (B, 2I) = gate | up  ->  out (B, I) = silu(gate) * up */
@@ -221,9 +217,8 @@ void sample_rows(const float *logits, int64_t rows, int64_t vocab, float tempera
 
 /* ---- the whole decode step -------------------------------------------------------------------------------- */
 
-/* MKL's cblas_sgemm_compute (LP64), taken from the MKL inside libtorch_cpu by kernels.py: C = A op(B) + beta C
- * with B packed by cblas_sgemm_pack(RowMajor, BMatrix, Trans, M, N, K, 1, W, K, ...), which is the format
- * torch.ops.mkl._mkl_reorder_linear_weight(W, M) produces. */
+/* MKL's cblas_sgemm_compute (LP64), taken from the MKL inside libtorch_cpu by kernels_cpu.py: C = A op(B) + beta C
+ * with B packed by cblas_sgemm_pack(RowMajor, BMatrix, Trans, M, N, K, 1, W, K, ...) (kernels_cpu.pack_weight). */
 typedef void (*sgemm_compute_fn)(int layout, int transa, int transb, int m, int n, int k, const float *a, int lda,
                                  const float *b, int ldb, float beta, float *c, int ldc);
 static sgemm_compute_fn sgemm_compute;
@@ -253,7 +248,7 @@ typedef struct {
 /* One decode step of a Qwen2/Qwen3/Llama decoder, exactly rollout.FastDecoder.__call__ with packed weights:
  * tokens, pos (rows,) -> logits (rows, vocab); K/V of the new tokens written into kv (layers, 2, slots, nkv, S, D).
  * Returns -1, having written nothing, if a token is outside the vocabulary or a position outside the cache.
- * scratch: at least rows * (2 hidden + (nh + 2 nkv) D + nh D + 3 inter) + max_len floats
+ * scratch: at least rows * (2 hidden + (nh + 2 nkv) D + nh D + 3 inter) + threads * max_len floats
  * (kernels_cpu.scratch_floats). */
 int decode_step(const dims_t *dm, const layer_t *layers, const float *embed, const float *final_norm,
                 const float *head, const int64_t *tokens, const int64_t *pos, const float *cos_t,
@@ -268,7 +263,7 @@ int decode_step(const dims_t *dm, const layer_t *layers, const float *embed, con
     const size_t layer_kv = (size_t)dm->slots * nkv * S * D;
     for (int64_t l = 0; l < dm->n_layers; l++) {
         const float *const *w = layers[l].p;
-        add_rms_norm(x, NULL, w[0], h, B, H, dm->eps);
+        rms_norm_rows(x, w[0], h, B, H, dm->eps);
         linear(h, w[1], w[2], qkv, B, width, H, 0.0f);
         float *kc = kv + 2 * l * layer_kv, *vc = kc + layer_kv;
         decode_attention(qkv, w[3], dm->eps, cos_t, sin_t, pos, kc, vc, o, scores, B, nh, nkv, D, S, dm->threads);
@@ -276,12 +271,12 @@ int decode_step(const dims_t *dm, const layer_t *layers, const float *embed, con
         if (w[5])
             for (int64_t b = 0; b < B; b++)
                 for (int64_t i = 0; i < H; i++) x[b * H + i] += w[5][i];
-        add_rms_norm(x, NULL, w[6], h, B, H, dm->eps);
+        rms_norm_rows(x, w[6], h, B, H, dm->eps);
         linear(h, w[7], NULL, gu, B, 2 * I, H, 0.0f);
         silu_mul(gu, act, B, I);
         linear(act, w[8], NULL, x, B, H, I, 1.0f);                    /* x += act W_down^T */
     }
-    add_rms_norm(x, NULL, final_norm, h, B, H, dm->eps);
+    rms_norm_rows(x, final_norm, h, B, H, dm->eps);
     linear(h, head, NULL, logits, B, dm->vocab, H, 0.0f);
     return 0;
 }

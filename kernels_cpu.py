@@ -27,8 +27,9 @@ import torch
 
 USE_NATIVE: bool = os.environ.get("RETU_NO_NATIVE", "0") != "1"
 SOURCE = Path(__file__).resolve().parent / "kernels_cpu.c"
-# -fopenmp-simd: honour the `omp simd` hints without linking an OpenMP runtime; no -ffast-math (it would change
-# NaN/inf semantics and, linked into a shared library, set flush-to-zero for the whole process)
+# -fopenmp: the `omp` pragmas, linking the libgomp torch has already loaded (one OpenMP runtime in the process);
+# no -ffast-math (it would change NaN/inf semantics and, linked into a shared library, set flush-to-zero for the
+# whole process)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _ROW_MAJOR, _TRANS, _B_MATRIX = 101, 112, 162      # CBLAS_LAYOUT / CBLAS_TRANSPOSE / CBLAS_IDENTIFIER values
@@ -103,8 +104,7 @@ def _load():
     lib.sample_scratch_floats.restype = ctypes.c_int64
     lib.sample_scratch_floats.argtypes = [ctypes.c_int64]
     lib.silu_mul.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_int64]
-    lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-    lib.decode_attention.argtypes = [ptr, ptr, ctypes.c_float] + [ptr] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
     return lib, mkl
 
 
