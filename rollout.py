@@ -323,9 +323,11 @@ class FastDecoder:
         self.vocab = model.head_weight.shape[0]
         mats = [lay[k] for lay in self.layers for k in ("w_qkv", "w_o", "w_gu", "w_down")] + [self.head]
         self.nbytes = sum((m[0] if isinstance(m, tuple) else m).nbytes for m in mats)  # the regrouped matrices
-        if self.native:  # the pointers kernels_cpu.c reads; the tensors stay alive in self.layers
+        if self.native:  # the pointers kernels_cpu.c reads, to contiguous tensors kept alive in self.layers
+            self.embed, self.norm = self.embed.contiguous(), self.norm.contiguous()
             self._c_layers = (kernels_cpu.Layer * len(self.layers))()
             for c_layer, lay in zip(self._c_layers, self.layers):
+                lay.update({k: v.contiguous() for k, v in lay.items() if v is not None})
                 c_layer.p[:] = [kernels_cpu.ptr(lay[k]) for k in kernels_cpu.LAYER_WEIGHTS]
             self._c_dims = kernels_cpu.Dims(rows=self.rows, hidden=self.hidden, inter=self.inter, n_heads=self.nh,
                                             n_kv_heads=self.nkv, head_dim=self.hd, vocab=self.vocab,
@@ -340,8 +342,11 @@ class FastDecoder:
     @staticmethod
     def native_step(model, rows: int) -> bool:
         """Whether a decoder packed for `rows` rows runs its step in native code (kernels_cpu.c) rather than
-        MKL-packed torch ops: where that code builds and loads, for head dims up to 256."""
-        return bool(rows) and model.config.head_dim <= 256 and kernels_cpu.available()
+        MKL-packed torch ops: where that code builds and loads, for all-fp32 parameters, head dims up to 256 and
+        an LM head of the embedding's shape (the C code indexes both with the same vocabulary bound)."""
+        return (bool(rows) and model.config.head_dim <= 256
+                and model.embed_tokens.weight.shape == model.head_weight.shape
+                and all(p.dtype == torch.float32 for p in model.parameters()) and kernels_cpu.available())
 
     def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W (out, in) -> (MKL's packed W for self.rows rows, a zero-stride (out, in) stand-in). The op reads the
