@@ -49,14 +49,13 @@ class Layer(ctypes.Structure):
     _fields_ = [("p", ctypes.c_void_p * len(LAYER_WEIGHTS))]
 
 
-def _cpu_name() -> str:
+def _cpu_id() -> str:
+    """The CPU's model name and instruction-set flags: what -march=native compiles for."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(next((x for x in lines if x.startswith(k)), "") for k in ("model name", "flags"))
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
 
 
 def _build() -> Path:
@@ -64,7 +63,7 @@ def _build() -> Path:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), *version, _cpu_name()]).encode())
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), *version, _cpu_id()]).encode())
     cache = Path(os.environ.get("RETU_CACHE") or Path.home() / ".cache" / "retu")
     lib = cache / f"kernels_cpu-{key.hexdigest()[:16]}.so"
     if lib.exists():
