@@ -15,11 +15,12 @@ import kernels_cpu
 import rollout
 from model import ModelConfig, Transformer
 
-pytestmark = pytest.mark.skipif(not kernels_cpu.available(),
-                                reason=f"native CPU kernels unavailable: {kernels_cpu.unavailable_reason()}")
+needs_native = pytest.mark.skipif(not kernels_cpu.available(),
+                                  reason=f"native CPU kernels unavailable: {kernels_cpu.unavailable_reason()}")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("head_dim", [12, 32, 64, 128])       # 32/64/128: unrolled copies; 12: the generic one
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (7, 1)])   # GQA groups 1, 2, 7
@@ -59,6 +60,7 @@ def test_decode_step_matches_torch_ops(heads, head_dim, threads):
     assert not changed[:, :, rows].any()                       # the slot past the step's rows is untouched
 
 
+@needs_native
 def test_sample_rows_matches_torch_sampler(monkeypatch):
     """Same uniforms, same tokens as rollout.sample's torch ops (both invert the fp64 CDF; they round the
     cumulative sum differently, which moves a boundary by ~1e-16 of the mass), log-probs to fp32 rounding."""
@@ -75,6 +77,7 @@ def test_sample_rows_matches_torch_sampler(monkeypatch):
         torch.testing.assert_close(got_lp.double(), ref, atol=1e-5, rtol=0)
 
 
+@needs_native
 def test_sample_rows_never_draws_a_token_of_probability_zero():
     """Masked (-inf) logits have probability 0: no uniform draws them, not u = 0, not u next to 1, and not
     across the 64-token block boundaries of the two-level scan."""
@@ -91,6 +94,7 @@ def test_sample_rows_never_draws_a_token_of_probability_zero():
     assert toks[3] == int((cdf > 0.5).nonzero()[0])
 
 
+@needs_native
 def test_sample_rows_matches_the_intended_distribution():
     """40,000 draws from softmax(log p / 0.7) of a 4-token p: frequencies within 5 standard errors of the
     hand-computed distribution, which is more than 10 standard errors from p itself (the test can fail)."""
@@ -107,6 +111,7 @@ def test_sample_rows_matches_the_intended_distribution():
     torch.testing.assert_close(lp.double(), want.log()[tok], atol=1e-6, rtol=0)
 
 
+@needs_native
 def test_silu_and_exp_accuracy():
     """The vectorised exp inside SiLU and softmax: SiLU(g) * u against float64 to ~2 ulp over the whole
     range, including where exp over- or underflows."""
@@ -118,6 +123,7 @@ def test_silu_and_exp_accuracy():
     torch.testing.assert_close(out.double(), ref, atol=1e-30, rtol=5e-7)
 
 
+@needs_native
 def test_rms_norm_rows_matches_torch():
     torch.manual_seed(2)
     x, w = torch.randn(3, 40) * 5, torch.randn(40)
@@ -156,6 +162,7 @@ def test_without_a_compiler_the_sampler_falls_back(tmp_path):
     assert "reason: switched off" in r.stdout
 
 
+@needs_native
 def test_build_is_cached_per_source(tmp_path):
     """The library is built once into RETU_CACHE under a name keyed by the source; a second process loads it."""
     code = "import kernels_cpu; assert kernels_cpu.available(), kernels_cpu.unavailable_reason(); print('ok')"
