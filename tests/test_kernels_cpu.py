@@ -61,6 +61,33 @@ def test_decode_step_matches_torch_ops(heads, head_dim, threads):
 
 
 @needs_native
+def test_native_step_refuses_inputs_that_do_not_fit():
+    """The C code trusts its pointers: anything that does not fit the decoder is refused in Python with the
+    shapes and dtypes in the message, before the call."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    c = model.config
+    dec = rollout.FastDecoder(model, rows=2)
+    dec._rope_tables(8)
+    tokens, pos = torch.tensor([1, 2]), torch.tensor([0, 3])
+    cache = rollout.KVCache(c.num_layers, 2, c.num_kv_heads, 8, c.head_dim)
+    with pytest.raises(RuntimeError, match=r"cache \(2, 2, 2, 2, 8, 8\) not allocated do not fit the model"):
+        dec(tokens, pos, cache)                                 # no K/V allocated yet
+    cache._allocate(torch.zeros(()))
+    assert dec(tokens, pos, cache).shape == (2, c.vocab_size)   # the same call once it fits
+    other = rollout.KVCache(c.num_layers, 2, c.num_kv_heads, 8, c.head_dim * 2)
+    other._allocate(torch.zeros(()))
+    wide = rollout.KVCache(c.num_layers, 2, c.num_kv_heads, 16, c.head_dim)   # longer than the RoPE table
+    wide._allocate(torch.zeros(()))
+    f64 = rollout.KVCache(c.num_layers, 2, c.num_kv_heads, 8, c.head_dim)
+    f64._allocate(torch.zeros((), dtype=torch.float64))
+    for t, p, kv in [(tokens, pos.int(), cache), (torch.tensor([1, 0, 2, 0])[::2], pos, cache),
+                     (tokens, pos, other), (tokens, pos, wide), (tokens, pos, f64)]:
+        with pytest.raises(RuntimeError, match="do not fit the model"):
+            dec(t, p, kv)
+
+
+@needs_native
 def test_sample_rows_matches_torch_sampler(monkeypatch):
     """Same uniforms, same tokens as rollout.sample's torch ops (both invert the fp64 CDF; they round the
     cumulative sum differently, which moves a boundary by ~1e-16 of the mass), log-probs to fp32 rounding."""
