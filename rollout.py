@@ -450,7 +450,7 @@ class FastDecoder:
             raise RuntimeError(f"FastDecoder (native): tokens {tuple(tokens.shape)} {tokens.dtype}, positions "
                                f"{tuple(pos.shape)} {pos.dtype} or cache {cache.shape} "
                                f"{'not allocated' if kv is None else kv.dtype} do not fit the model")
-        d = self._c_dims
+        d = kernels_cpu.Dims.from_buffer_copy(self._c_dims)   # a copy per call: ctypes releases the GIL
         d.max_len, d.slots, d.threads = cache.shape[4], cache.shape[2], torch.get_num_threads()
         scratch = torch.empty(kernels_cpu.scratch_floats(d))
         logits = torch.empty((B, self.vocab))
