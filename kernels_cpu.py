@@ -39,9 +39,9 @@ _state: dict = {}
 
 class Dims(ctypes.Structure):
     """kernels_cpu.c's dims_t."""
-    _fields_ = [(n, ctypes.c_int64) for n in ("rows", "hidden", "inter", "n_heads", "n_kv_heads", "head_dim",
-                                               "max_len", "vocab", "n_layers", "slots")] + [("eps", ctypes.c_float),
-                                                                               ("threads", ctypes.c_int)]
+    _fields_ = [*((n, ctypes.c_int64) for n in ("rows", "hidden", "inter", "n_heads", "n_kv_heads", "head_dim",
+                                                "max_len", "vocab", "n_layers", "slots")),
+                ("eps", ctypes.c_float), ("threads", ctypes.c_int)]
 
 
 class Layer(ctypes.Structure):

@@ -299,7 +299,7 @@ class FastDecoder:
         self.inv_freq = model.inv_freq
         self.cos = self.sin = None
         self.rows = self.packed_rows(model, rows)
-        self.native = self.native_step(model, self.rows)
+        self.native = self.uses_native(model, self.rows)
         if self.native:
             prep = lambda w: kernels_cpu.pack_weight(w, self.rows)  # noqa: E731
         else:
@@ -340,7 +340,7 @@ class FastDecoder:
         return rows if PACKED_GEMM and fp32 and PACK_ROWS[0] <= rows <= PACK_ROWS[1] else 0
 
     @staticmethod
-    def native_step(model, rows: int) -> bool:
+    def uses_native(model, rows: int) -> bool:
         """Whether a decoder packed for `rows` rows runs its step in native code (kernels_cpu.c) rather than
         MKL-packed torch ops: where that code builds and loads, for all-fp32 parameters, head dims up to 256 and
         an LM head of the embedding's shape (the C code indexes both with the same vocabulary bound)."""
@@ -385,7 +385,7 @@ class FastDecoder:
         hit = cls._cache.get(model)
         want_rows = cls.packed_rows(model, rows)
         if hit is None or key is None or hit[0] != key or hit[1].rows != want_rows \
-                or hit[1].native != cls.native_step(model, want_rows):
+                or hit[1].native != cls.uses_native(model, want_rows):
             cls._cache.pop(model, None)  # free the old copies before building new ones
             hit = (key, cls(model, rows))
             if key is not None:
