@@ -1,4 +1,4 @@
-"""kernels_cpu.py -- the native CPU decode step (kernels_cpu.c): build, load, and call it from Python.
+"""kernels_cpu.py -- the native CPU decode step and prefill (kernels_cpu.c): build, load, and call them from Python.
 
 At the small batches of RL sampling on a CPU, a decode step is its weight-bound GEMMs plus ~100 small PyTorch
 ops, each costing a few microseconds of dispatch; at the bench's tiny shape those small ops took more time than
@@ -34,6 +34,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _ROW_MAJOR, _TRANS, _B_MATRIX = 101, 112, 162      # CBLAS_LAYOUT / CBLAS_TRANSPOSE / CBLAS_IDENTIFIER values
 LAYER_WEIGHTS = ("ln1", "w_qkv", "b_qkv", "qk_norm", "w_o", "b_o", "ln2", "w_gu", "w_down")   # layer_t's order
+PLAIN_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # plain_layer_t's
 _state: dict = {}
 
 
@@ -47,6 +48,11 @@ class Dims(ctypes.Structure):
 class Layer(ctypes.Structure):
     """kernels_cpu.c's layer_t: pointers to one layer's weights in LAYER_WEIGHTS order (NULL for absent ones)."""
     _fields_ = [("p", ctypes.c_void_p * len(LAYER_WEIGHTS))]
+
+
+class PlainLayer(ctypes.Structure):
+    """kernels_cpu.c's plain_layer_t: pointers to one layer's own (out, in) matrices in PLAIN_WEIGHTS order."""
+    _fields_ = [("p", ctypes.c_void_p * len(PLAIN_WEIGHTS))]
 
 
 def _cpu_id() -> str:
@@ -87,7 +93,7 @@ def _load():
     if not (torch._C.has_mkl and SOURCE.exists()):
         raise RuntimeError("this torch has no MKL" if SOURCE.exists() else f"{SOURCE} is missing")
     mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    for name in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute"):
+    for name in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute", "sgemm_"):
         if not hasattr(mkl, name):
             raise RuntimeError(f"libtorch_cpu exports no {name}")
     mkl.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
@@ -95,15 +101,19 @@ def _load():
     mkl.cblas_sgemm_pack.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
                                                           ctypes.c_void_p]
     lib = ctypes.CDLL(str(_build()))
-    lib.set_sgemm_compute(ctypes.cast(mkl.cblas_sgemm_compute, ctypes.c_void_p))
+    lib.set_sgemm(*(ctypes.cast(f, ctypes.c_void_p) for f in (mkl.cblas_sgemm_compute, mkl.sgemm_)))
     ptr = ctypes.c_void_p
     lib.decode_step.argtypes = [ptr] * 12
     lib.decode_step.restype = ctypes.c_int
+    lib.prefill.argtypes = [ptr] * 10 + [ctypes.c_int64] + [ptr] * 5
+    lib.prefill.restype = ctypes.c_int
+    lib.scratch_floats.argtypes = [ptr]
+    lib.scratch_floats.restype = ctypes.c_int64
     lib.sample_rows.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float] + [ptr] * 4 + [ctypes.c_int]
     lib.sample_scratch_floats.restype = ctypes.c_int64
     lib.sample_scratch_floats.argtypes = [ctypes.c_int64]
-    lib.silu_mul.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_int64]
-    lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    lib.silu_mul.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib, mkl
 
 
@@ -148,9 +158,8 @@ def pack_weight(w: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def scratch_floats(d: Dims) -> int:
-    """Floats of scratch memory decode_step needs (kernels_cpu.c's layout)."""
-    per_row = 2 * d.hidden + (d.n_heads + 2 * d.n_kv_heads) * d.head_dim + d.n_heads * d.head_dim + 3 * d.inter
-    return d.rows * per_row + max(d.threads, 1) * d.max_len
+    """Floats of scratch memory decode_step and prefill need for d.rows rows."""
+    return _state["lib"].scratch_floats(ctypes.byref(d))
 
 
 def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

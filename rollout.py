@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import heapq
+import itertools
 import math
 import numbers
 import weakref
@@ -329,6 +330,13 @@ class FastDecoder:
             for c_layer, lay in zip(self._c_layers, self.layers):
                 lay.update({k: v.contiguous() for k, v in lay.items() if v is not None})
                 c_layer.p[:] = [kernels_cpu.ptr(lay[k]) for k in kernels_cpu.LAYER_WEIGHTS]
+            # prefill reads the model's own matrices (no copies: contiguous parameters are used as they are)
+            self._plain = [[dict(blk.self_attn.named_children(), **dict(blk.mlp.named_children()))[n]
+                            .weight.detach().contiguous() for n in kernels_cpu.PLAIN_WEIGHTS] for blk in model.layers]
+            self._c_plain = (kernels_cpu.PlainLayer * len(self._plain))()
+            for c_layer, mats in zip(self._c_plain, self._plain):
+                c_layer.p[:] = [kernels_cpu.ptr(m) for m in mats]
+            self.head_plain = model.head_weight.detach().contiguous()
             self._c_dims = kernels_cpu.Dims(rows=self.rows, hidden=self.hidden, inter=self.inter, n_heads=self.nh,
                                             n_kv_heads=self.nkv, head_dim=self.hd, vocab=self.vocab,
                                             n_layers=len(self.layers), eps=self.eps)
@@ -435,30 +443,63 @@ class FastDecoder:
             x = self._mm(F.silu(gu[:, :I]).mul_(gu[:, I:]), w["w_down"], residual=x)
         return self._mm(F.rms_norm(x, (H,), self.norm, self.eps), self.head)  # (B, V)
 
+    def _native_dims(self, cache: KVCache, rows: int, *index: torch.Tensor) -> kernels_cpu.Dims:
+        """The dims of a native call over `rows` rows, after checking everything kernels_cpu.c will trust: the
+        index tensors (tokens, positions, ...) are contiguous int64 of `rows` entries, the cache is an allocated
+        contiguous fp32 cache of this model, the RoPE tables cover it."""
+        kv = cache.kv
+        ok = (all(t.shape == (rows,) and t.dtype == torch.long and t.is_contiguous() for t in index)
+              and kv is not None and kv.dtype == torch.float32 and kv.is_contiguous()
+              and cache.shape[0] == len(self.layers) and cache.shape[3] == self.nkv and cache.shape[5] == self.hd
+              and self.cos.shape[0] >= cache.shape[4])
+        if not ok:
+            shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in index)
+            raise RuntimeError(f"FastDecoder (native): tokens/positions {shapes} or cache {cache.shape} "
+                               f"{'not allocated' if kv is None else kv.dtype} do not fit the model")
+        d = kernels_cpu.Dims.from_buffer_copy(self._c_dims)   # a copy per call: ctypes releases the GIL
+        d.rows, d.max_len, d.slots, d.threads = rows, cache.shape[4], cache.shape[2], torch.get_num_threads()
+        return d
+
     def _native_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The same step as __call__'s torch ops, in one call of kernels_cpu.c's decode_step. That code trusts
         its pointers and sizes, so everything it reads or writes is checked here first."""
         B = tokens.shape[0]
         if B != self.rows:
             raise RuntimeError(f"FastDecoder: packed for {self.rows} rows, got {B}")
-        kv = cache.kv
-        ok = (pos.shape == (B,) and tokens.dtype == pos.dtype == torch.long
-              and tokens.is_contiguous() and pos.is_contiguous() and kv is not None and kv.dtype == torch.float32
-              and kv.is_contiguous() and cache.shape[0] == len(self.layers) and cache.shape[3] == self.nkv
-              and cache.shape[5] == self.hd and B <= cache.shape[2] and self.cos.shape[0] >= cache.shape[4])
-        if not ok:
-            raise RuntimeError(f"FastDecoder (native): tokens {tuple(tokens.shape)} {tokens.dtype}, positions "
-                               f"{tuple(pos.shape)} {pos.dtype} or cache {cache.shape} "
-                               f"{'not allocated' if kv is None else kv.dtype} do not fit the model")
-        d = kernels_cpu.Dims.from_buffer_copy(self._c_dims)   # a copy per call: ctypes releases the GIL
-        d.max_len, d.slots, d.threads = cache.shape[4], cache.shape[2], torch.get_num_threads()
+        if B > cache.shape[2]:
+            raise RuntimeError(f"FastDecoder (native): {B} rows but the cache has {cache.shape[2]} slots")
+        d = self._native_dims(cache, B, tokens, pos)
         scratch = torch.empty(kernels_cpu.scratch_floats(d))
         logits = torch.empty((B, self.vocab))
         p = kernels_cpu.ptr
         if kernels_cpu.lib().decode_step(ctypes.byref(d), self._c_layers, p(self.embed), p(self.norm), p(self.head),
-                                         p(tokens), p(pos), p(self.cos), p(self.sin), p(kv), p(logits), p(scratch)):
+                                         p(tokens), p(pos), p(self.cos), p(self.sin), p(cache.kv), p(logits),
+                                         p(scratch)):
             raise RuntimeError(f"FastDecoder (native): a token outside [0, {self.vocab}) or a position outside "
                                f"[0, {cache.shape[4]}) in this step")
+        return logits
+
+    def prefill(self, tokens: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, last: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+        """Packed prompts in one native call (kernels_cpu.c's prefill; native decoders only): token i at position
+        pos[i] of cache slot slot[i], each prompt's tokens at positions 0..P-1 of one slot. Writes their K/V
+        there and returns the next-token logits (len(last), V) of rows `last` (each prompt's last token). The
+        model's own matrices, plain sgemm: model.forward's computation with the cache, in fewer calls."""
+        if not self.native:
+            raise RuntimeError("FastDecoder.prefill runs only in native code (FastDecoder.native)")
+        d = self._native_dims(cache, tokens.shape[0], tokens, slot, pos)
+        if last.dtype != torch.long or last.dim() != 1 or not last.is_contiguous():
+            raise RuntimeError(f"FastDecoder (native): last rows {tuple(last.shape)} {last.dtype}: expected a "
+                               "contiguous int64 vector")
+        scratch = torch.empty(kernels_cpu.scratch_floats(d))
+        logits = torch.empty((last.shape[0], self.vocab))
+        p = kernels_cpu.ptr
+        if kernels_cpu.lib().prefill(ctypes.byref(d), self._c_layers, self._c_plain, p(self.embed), p(self.norm),
+                                     p(self.head_plain), p(tokens), p(slot), p(pos), p(last), last.shape[0],
+                                     p(self.cos), p(self.sin), p(cache.kv), p(logits), p(scratch)):
+            raise RuntimeError(f"FastDecoder (native prefill): a token outside [0, {self.vocab}), a position outside "
+                               f"[0, {cache.shape[4]}), a slot outside [0, {cache.shape[2]}) or a last row outside "
+                               f"[0, {tokens.shape[0]})")
         return logits
 
 
@@ -639,31 +680,58 @@ class _Engine:
 
     def _prefill(self, group: list[int], slots_of: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         """One packed forward over the prompts in `group`; returns their last-position logits."""
-        dev = self.device
-        ids, positions, bounds, dst_slot, dst_pos, src, saves = [], [], [], [], [], [], {}
-        off = 0
-        for p in group:
-            toks = self.prompts[p]
-            P = len(toks)
-            ids += toks
-            positions += range(P)
-            bounds.append((off, off + P))
+        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        lens = [len(self.prompts[p]) for p in group]
+        ids = as_t([t for p in group for t in self.prompts[p]])
+        positions = as_t([i for n in lens for i in range(n)])
+        ends = list(itertools.accumulate(lens))
+        last = as_t([e - 1 for e in ends])
+        if self.fast is not None and self.fast.native:
+            logits = self._native_prefill(group, slots_of, ids, positions, last)
+        else:
+            logits = self._model_prefill(group, slots_of, ids, positions, last, ends)
+        self.stats["prefill_forwards"] += 1
+        self.stats["prefill_tokens"] += ends[-1]
+        return dict(zip(group, logits))
+
+    def _model_prefill(self, group: list[int], slots_of: dict[int, list[int]], ids: torch.Tensor,
+                       positions: torch.Tensor, last: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """The prefill through model.forward, the cache writing each prompt's K/V into all of its new slots."""
+        bounds, dst_slot, dst_pos, src, saves = [], [], [], [], {}
+        for p, e in zip(group, ends):
+            P = len(self.prompts[p])
+            bounds.append((e - P, e))
             for s in slots_of[p]:
                 dst_slot += [s] * P
                 dst_pos += range(P)
-                src += range(off, off + P)
+                src += range(e - P, e)
             if self.waiting[p] > 0:  # samples still queued: keep one copy of the prompt's K/V for them
-                saves[p] = (off, off + P)
-            off += P
-        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+                saves[p] = (e - P, e)
+        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         self.cache.set_prefill(bounds, as_t(dst_slot), as_t(dst_pos), as_t(src), saves)
-        h = self.model(as_t(ids)[None], position_ids=as_t(positions)[None], cache=self.cache, hidden_only=True)
-        logits = self.model.logits(h[0, as_t([e - 1 for _, e in bounds])])  # (len(group), V)
-        self.stats["prefill_forwards"] += 1
-        self.stats["prefill_tokens"] += off
+        h = self.model(ids[None], position_ids=positions[None], cache=self.cache, hidden_only=True)
+        logits = self.model.logits(h[0, last])  # (len(group), V)
         for p in saves:
             self.saved[p] = (self.cache.saved[p], logits[group.index(p)])
-        return dict(zip(group, logits))
+        return logits
+
+    def _native_prefill(self, group: list[int], slots_of: dict[int, list[int]], ids: torch.Tensor,
+                        positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The prefill in one native call (FastDecoder.prefill): each prompt's K/V into the first of its new
+        slots, then copied into the others and, for samples still queued, kept."""
+        if self.cache.kv is None:
+            self.cache._allocate(self.fast.embed)
+        first = [slots_of[p][0] for p in group]
+        slot = torch.tensor([s for p, s in zip(group, first) for _ in self.prompts[p]], device=self.device)
+        logits = self.fast.prefill(ids, slot, positions, last, self.cache)
+        kv = self.cache.kv                                             # (layers, 2, slots, kv_heads, S, D)
+        for i, (p, s) in enumerate(zip(group, first)):
+            P, rest = len(self.prompts[p]), slots_of[p][1:]
+            if rest:
+                kv[:, :, rest, :, :P] = kv[:, :, s:s + 1, :, :P]
+            if self.waiting[p] > 0:  # samples still queued: keep one copy of the prompt's K/V for them
+                self.saved[p] = (kv[:, :, s, :, :P].clone(), logits[i])
+        return logits
 
     # -- decode -------------------------------------------------------------------------------------------------
 

@@ -87,6 +87,90 @@ def test_native_step_refuses_inputs_that_do_not_fit():
             dec(t, p, kv)
 
 
+def model_prefill(model, prompts, slots, S):
+    """The specification of a native prefill: model.forward over the packed prompts with the sampler's cache
+    (prompt i into slot slots[i]); returns (last-position logits, the cache)."""
+    c = model.config
+    cache = rollout.KVCache(c.num_layers, max(slots) + 1, c.num_kv_heads, S, c.head_dim)
+    ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
+    bounds = [(e - len(p), e) for p, e in zip(prompts, ends)]
+    slot = torch.tensor([s for p, s in zip(prompts, slots) for _ in p])
+    pos = torch.tensor([i for p in prompts for i in range(len(p))])
+    cache.set_prefill(bounds, slot, pos, torch.arange(ends[-1]), {})
+    ids = torch.tensor([t for p in prompts for t in p])
+    h = model(ids[None], position_ids=pos[None], cache=cache, hidden_only=True)
+    return model.logits(h[0, [e - 1 for e in ends]]), cache, (ids, slot, pos, torch.tensor(ends) - 1)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("arch, heads, head_dim", [("Qwen2ForCausalLM", (4, 2), 32), ("Qwen2ForCausalLM", (7, 1), 12),
+                                                   ("Qwen3ForCausalLM", (2, 2), 64), ("LlamaForCausalLM", (4, 2), 16)])
+def test_prefill_matches_model_forward(arch, heads, head_dim, threads):
+    """Packed prompts of 1 to 70 tokens (80 rows: the norms and SiLU split over the threads) in one native call,
+    against model.forward with the same cache: the last-position logits, and the cache, which must hold exactly
+    the prompts' K/V in their slots (biases: Qwen2; q/k norms: Qwen3; untied head: Llama)."""
+    nh, nkv = heads
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny(arch, num_heads=nh, num_kv_heads=nkv, head_dim=head_dim)).eval()
+    V, S = model.config.vocab_size, 72
+    prompts = [torch.randint(V, (n,)).tolist() for n in (5, 1, 70, 4)]
+    slots = [3, 0, 4, 1]                                       # slot 2 stays empty
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            want, ref, (ids, slot, pos, last) = model_prefill(model, prompts, slots, S)
+            dec = rollout.FastDecoder(model, rows=4)
+            dec._rope_tables(S)
+            cache = rollout.KVCache(*ref.shape[:1], ref.shape[2], nkv, S, head_dim)
+            cache._allocate(torch.zeros(()))
+            cache.kv.fill_(7.0)                                # what the prefill does not write stays 7
+            got = dec.prefill(ids, slot, pos, last, cache)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    written = torch.zeros(ref.shape[2], S, dtype=torch.bool)
+    for p, s in zip(prompts, slots):
+        written[s, :len(p)] = True
+    torch.testing.assert_close(cache.kv[:, :, written.nonzero()[:, 0], :, written.nonzero()[:, 1]],
+                               ref.kv[:, :, written.nonzero()[:, 0], :, written.nonzero()[:, 1]], atol=1e-5, rtol=1e-5)
+    assert (cache.kv.transpose(3, 4)[:, :, ~written] == 7.0).all()
+
+
+@needs_native
+def test_prefill_refuses_what_does_not_fit():
+    """Out-of-range tokens, positions, slots or last rows are refused before anything is written; so are index
+    tensors of the wrong dtype or length, and a decoder that is not native."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    c = model.config
+    dec = rollout.FastDecoder(model, rows=2)
+    dec._rope_tables(8)
+    cache = rollout.KVCache(c.num_layers, 2, c.num_kv_heads, 8, c.head_dim)
+    cache._allocate(torch.zeros(()))
+    ok = dict(tokens=torch.tensor([1, 2, 3]), slot=torch.tensor([1, 1, 1]), pos=torch.tensor([0, 1, 2]),
+              last=torch.tensor([2]))
+    assert dec.prefill(*ok.values(), cache).shape == (1, c.vocab_size)
+    cache.kv.zero_()
+    for key, bad in [("tokens", torch.tensor([1, c.vocab_size, 3])), ("pos", torch.tensor([0, 1, 8])),
+                     ("slot", torch.tensor([1, 2, 1])), ("slot", torch.tensor([1, -1, 1])),
+                     ("last", torch.tensor([3]))]:
+        with pytest.raises(RuntimeError, match=r"native prefill\): a token outside \[0, \d+\), a position outside "
+                                               r"\[0, 8\), a slot outside \[0, 2\) or a last row outside \[0, 3\)"):
+            dec.prefill(*{**ok, key: bad}.values(), cache)
+    assert (cache.kv == 0).all()
+    with pytest.raises(RuntimeError, match=r"tokens/positions \(3,\) torch.int64, \(3,\) torch.int32, \(3,\) "
+                                           r"torch.int64 or cache .* do not fit the model"):
+        dec.prefill(ok["tokens"], ok["slot"].int(), ok["pos"], ok["last"], cache)
+    with pytest.raises(RuntimeError, match=r"\(3,\) torch.int64, \(2,\) torch.int64, \(3,\) torch.int64 or cache"):
+        dec.prefill(ok["tokens"], ok["slot"][:2], ok["pos"], ok["last"], cache)
+    with pytest.raises(RuntimeError, match="last rows \\(1, 1\\) torch.int64: expected a contiguous int64 vector"):
+        dec.prefill(ok["tokens"], ok["slot"], ok["pos"], ok["last"][None], cache)
+    with pytest.raises(RuntimeError, match=r"runs only in native code"):
+        rollout.FastDecoder(model, rows=1).prefill(*ok.values(), cache)
+
+
 @needs_native
 def test_sample_rows_matches_torch_sampler(monkeypatch):
     """Same uniforms, same tokens as rollout.sample's torch ops (both invert the fp64 CDF; they round the
@@ -145,19 +229,25 @@ def test_silu_and_exp_accuracy():
     g = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-87.5, -88.7, 88.0, 0.0, -1e-30])])
     gu = torch.stack([g, torch.full_like(g, 1.5)]).reshape(1, -1).contiguous()   # one row: gate | up
     out = torch.empty(g.shape[0])
-    kernels_cpu.lib().silu_mul(gu.data_ptr(), out.data_ptr(), 1, g.shape[0])
+    kernels_cpu.lib().silu_mul(gu.data_ptr(), out.data_ptr(), 1, g.shape[0], 1)
     ref = torch.nn.functional.silu(g.double()) * 1.5
     torch.testing.assert_close(out.double(), ref, atol=1e-30, rtol=5e-7)
 
 
 @needs_native
-def test_rms_norm_rows_matches_torch():
+@pytest.mark.parametrize("rows, threads", [(3, 1), (3, 2), (100, 2)])   # 100 rows: split over the threads
+def test_rms_norm_and_silu_rows_match_torch(rows, threads):
     torch.manual_seed(2)
-    x, w = torch.randn(3, 40) * 5, torch.randn(40)
-    h = torch.empty(3, 40)
-    kernels_cpu.lib().rms_norm_rows(x.data_ptr(), w.data_ptr(), h.data_ptr(), 3, 40, ctypes.c_float(1e-6))
+    x, w = torch.randn(rows, 40) * 5, torch.randn(40)
+    h = torch.empty(rows, 40)
+    kernels_cpu.lib().rms_norm_rows(x.data_ptr(), w.data_ptr(), h.data_ptr(), rows, 40, ctypes.c_float(1e-6),
+                                    threads)
     ref = torch.nn.functional.rms_norm(x.double(), (40,), w.double(), 1e-6)
     torch.testing.assert_close(h.double(), ref, atol=1e-6, rtol=1e-6)
+    out = torch.empty(rows, 20)
+    kernels_cpu.lib().silu_mul(x.data_ptr(), out.data_ptr(), rows, 20, threads)   # x's rows as gate | up
+    ref = torch.nn.functional.silu(x[:, :20].double()) * x[:, 20:].double()
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
