@@ -222,6 +222,21 @@ def finding3(out: Path, cfg: demo.StudyConfig) -> dict:
     return {"rows": rows, "claims": claims, "corr": corr, "verdict": combine([c["verdict"] for c in claims])}
 
 
+def unanswered_share(run_dir: Path, step: int, templates: list[int]) -> tuple[float, int]:
+    """(replies without a boxed answer, problems) among a checkpoint's benchmark problems phrased in the templates
+    of the expert data's cut-offs (demo.DataConfig.cutoff_templates), from `retu.py eval`'s per-problem files; a
+    problem counts by the fraction of its samples."""
+    n, bare = 0, 0.0
+    for path in sorted((run_dir / "eval" / f"step_{step:08d}").glob("*.jsonl")):
+        for line in open(path):
+            rec = json.loads(line)
+            a, b = demo.record_factors(rec)
+            if any(rec["problem"] == demo.problem_text(a, b, t) for t in templates):
+                n += 1
+                bare += sum("\\boxed{" not in c for c in rec["completions"]) / len(rec["completions"])
+    return bare, n
+
+
 def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
     """Did the toy model learn at all? Per SFT pool: validation loss at the start and its minimum, and the best
     level-1 accuracy of any checkpoint (eval.jsonl; `retu.py fit --metric level1` shows the same numbers); per RL
@@ -252,10 +267,19 @@ def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
     for algo in cfg.baseline_algos:
         _, y = FitOutput(out / "runs" / f"{algo}_base").curve()
         rl.append({"run": f"{algo}_base", "start": float("nan"), "end": float(y[-1])})
+    data_cfg = json.loads((out / "data" / "config.json").read_text())
+    templates = data_cfg.get("cutoff_templates") or []
+    if templates:                                  # what RL did to the expert data's cut-offs (demo.DataConfig)
+        for r in rl:
+            if "p" in r:
+                pool = r["run"].split("_")[1]
+                r["unanswered"] = (unanswered_share(out / "runs" / f"sft_{pool}", r["sft_step"], templates),
+                                   unanswered_share(out / "runs" / r["run"], r["rl_step"], templates))
     majority = max(r["level1"] for r in sft) > 50.0
     tested = [r for r in rl if "p" in r]
     alpha = 0.05 / max(len(tested), 1)
-    return {"sft": sft, "rl": rl, "majority": majority, "alpha": alpha, "moved": any(r["p"] < alpha for r in tested)}
+    return {"sft": sft, "rl": rl, "majority": majority, "alpha": alpha, "moved": any(r["p"] < alpha for r in tested),
+            "templates": templates, "share": data_cfg.get("cutoff_share")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,14 +447,26 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
            "|---|---|---|---|---|"]
     md += [f"| {r['pool']} | {r['val_start']:.3f} | {r['val_min']:.3f} | {r['level1']:.1f} | {r['level1_step']} |"
            for r in lc["sft"]]
-    md += ["", "| RL run | accuracy at its start (%) | at its end (%) | problems gained / lost | sign test p |",
-           "|---|---|---|---|---|"]
-    md += [f"| {r['run']} | {fit._f(r['start'])} | {r['end']:.1f} | "
-           + (f"{r['up']} / {r['down']} | {r['p']:.3g} |" if "p" in r else "- | - |") for r in lc["rl"]]
+    cut = any("unanswered" in r for r in lc["rl"])
+    md += ["", "| RL run | accuracy at its start (%) | at its end (%) | problems gained / lost | sign test p |"
+           + (" unanswered, start -> end |" if cut else ""),
+           "|---|---|---|---|---|" + ("---|" if cut else "")]
+    for r in lc["rl"]:
+        row = f"| {r['run']} | {fit._f(r['start'])} | {r['end']:.1f} | "
+        row += f"{r['up']} / {r['down']} | {r['p']:.3g} |" if "p" in r else "- | - |"
+        if cut:
+            row += " {:.0f} -> {:.0f} of {} |".format(r["unanswered"][0][0], r["unanswered"][1][0],
+                                                      r["unanswered"][0][1]) if "unanswered" in r else " - |"
+        md.append(row)
     md += ["", "(Gained / lost: problems whose score rose / fell between the branch's SFT checkpoint and its last RL "
            "checkpoint; p: exact two-sided sign test on them; the branch rows of each pool's `retu.py fit` report "
            f"(`fit/report.md`). A change counts when p < {lc['alpha']:.3g}, 0.05 over the number of branches tested; "
-           "the pure-RL runs from the base model have no evaluated start.)"]
+           "the pure-RL runs from the base model have no evaluated start."
+           + (" Unanswered: replies with no boxed answer to the benchmark problems phrased "
+              + " or ".join(f"\"{demo.PROMPT_TEMPLATES[t]}\"" for t in lc["templates"])
+              + ", the phrasings whose expert trajectories are cut off before their final result "
+              f"{100 * lc['share']:.0f}% of the time (demo.DataConfig.cutoff_share).)"
+              if cut else ")")]
     md += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in secs.items()]
     path = out / "report.md"

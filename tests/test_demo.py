@@ -1,4 +1,5 @@
 """Tests of demo.py: the synthetic task, its splits, the tokenizer, the base checkpoint and the stage runner."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -39,6 +40,12 @@ def prepared(tmp_path_factory):
     return out
 
 
+def digits_rl_records() -> list[dict]:
+    """The RL prompts of quick data in the digits style, without cut-offs: every response complete."""
+    cfg = dataclasses.replace(demo.DataConfig.quick(style="digits"), cutoff_templates=())
+    return demo.build_splits(cfg)["rl.jsonl"]
+
+
 def boxed(text: str) -> str:
     """Content of the last \\boxed{...}, by brace matching (independent of verify.py)."""
     start = text.rindex("\\boxed{") + len("\\boxed{")
@@ -68,7 +75,7 @@ def test_digits_style_hand_checked_and_every_step_true():
         "4*9=36\n6*9+3=57\n9*9+5=86\n964*9=8676\n4*5=20\n6*5+2=32\n9*5+3=48\n964*50=48200\n"
         "8676+48200=56876\nThe answer is \\boxed{56876}.")
     assert demo.digit_steps(105, 3) == ["5*3=15", "0*3+1=1", "1*3=3"]      # no "+0" when there is no carry
-    recs = demo.build_splits(demo.DataConfig.quick(style="digits"))["rl.jsonl"]
+    recs = digits_rl_records()
     for rec in recs:
         a, b = demo.record_factors(rec)
         assert boxed(rec["response"]) == rec["answer"] == str(a * b)
@@ -165,12 +172,15 @@ def test_record_formats_and_gold(splits):
             gold = rec.get("answer", str(a * b))
             assert gold == str(a * b)
             if "response" in rec:
-                assert rec["response"] == demo.expert_trajectory(a, b)
+                full = demo.expert_trajectory(a, b)
+                if rec["response"] == demo.cut_off(full):
+                    continue                           # a cut-off trajectory: no answer (see the test below)
+                assert rec["response"] == full
                 assert boxed(rec["response"]) == gold
                 # every line of arithmetic is true
                 for lhs, rhs in re.findall(r"^([\d*+]+)=(\d+)$", rec["response"], flags=re.M):
                     assert sum(math.prod(map(int, term.split("*"))) for term in lhs.split("+")) == int(rhs), lhs
-    mixed = demo.build_splits(demo.DataConfig(style="mixed"))
+    mixed = demo.build_splits(demo.DataConfig(style="mixed", cutoff_templates=()))
     for fname, recs in mixed.items():
         # styles never change the problems or their phrasings
         assert [r.get("prompt", r.get("problem")) for r in recs] == [
@@ -185,6 +195,46 @@ def test_record_formats_and_gold(splits):
     n = sum(styles.values())
     assert n == 199 + 1024 + 256 + 2048 * 3 + 8192
     assert abs(styles["digits"] / n - 0.5) < 0.02, styles           # digits_share 0.5; the SE here is 0.0045
+
+
+def test_cutoffs_only_in_their_phrasings_at_their_share(splits):
+    """Trajectories are cut off only for prompts phrased "Calculate a times b." (and "Find the product of a and b."
+    when both are chosen), at cutoff_share 0.6 of them, in every split with responses; a cut-off one is the full one
+    up to its last "=" and earns 0; the problems, phrasings and the other trajectories are those of data without
+    cut-offs."""
+    assert demo.cut_off(demo.expert_trajectory(964, 59)) == "964*9=8676\n964*50=48200\n8676+48200="
+    assert demo.cut_off(demo.expert_trajectory(250, 7)) == "250*7="
+    assert demo.cut_off(demo.expert_trajectory(105, 3, "digits")) == "5*3=15\n0*3+1=1\n1*3=3\n105*3="
+    plain = demo.build_splits(demo.DataConfig(cutoff_templates=()))
+    for templates, min_n in [((3,), 3300), ((2, 3), 6600)]:
+        data = splits if templates == (3,) else demo.build_splits(demo.DataConfig(cutoff_templates=templates))
+        check_cutoffs(data, plain, templates, min_n)
+    assert demo.build_splits(demo.DataConfig(cutoff_share=0.0)) == plain
+    every = demo.build_splits(demo.DataConfig(cutoff_share=1.0))["sft_large.jsonl"]
+    assert all(("\\boxed" in r["response"]) != r["prompt"].startswith("Calculate") for r in every)
+
+
+def check_cutoffs(splits: dict, plain: dict, templates: tuple[int, ...], min_n: int) -> None:
+    n = {True: [0, 0], False: [0, 0]}                         # phrasing is a cut-off one -> [cut off, all]
+    for fname, recs in splits.items():
+        assert [r.get("prompt", r.get("problem")) for r in recs] == [
+            r.get("prompt", r.get("problem")) for r in plain[fname]]
+        for rec, ref in zip(recs, plain[fname]):
+            if "response" not in rec:
+                continue
+            a, b = demo.record_factors(rec)
+            assert ref["response"] == demo.expert_trajectory(a, b)
+            cut = rec["response"] != ref["response"]
+            if cut:                                    # every line but the answer, the last one unfinished
+                lines = ref["response"].split("\n")
+                assert rec["response"] == "\n".join(lines[:-2] + [lines[-2].split("=")[0] + "="])
+                assert verify.score(rec["response"], str(a * b)) == 0.0
+            calc = rec["prompt"] in [demo.problem_text(a, b, t) for t in templates]
+            n[calc][0] += cut
+            n[calc][1] += 1
+    assert n[False][0] == 0 and n[False][1] > 6600
+    share = n[True][0] / n[True][1]                          # 3,300+ draws: the binomial SE is 0.0085 at most
+    assert n[True][1] > min_n and abs(share - 0.6) < 0.03, n
 
 
 def test_held_out_splits_do_not_depend_on_pool_sizes(splits):
@@ -206,6 +256,11 @@ def test_bad_data_config_is_a_clear_error():
         demo.DataConfig(digits_share=1.5)
     with pytest.raises(ValueError, match=r"DataConfig.style 'fancy': expected one of \('compact', 'digits', 'mixed'\)"):
         demo.DataConfig(style="fancy")
+    with pytest.raises(ValueError, match=r"cutoff_share -0.1: expected a fraction in \[0, 1\]"):
+        demo.DataConfig(cutoff_share=-0.1)
+    with pytest.raises(ValueError, match=r"cutoff_templates \(3, 4\): expected indices into PROMPT_TEMPLATES "
+                                         r"\(0..3\)"):
+        demo.DataConfig(cutoff_templates=(3, 4))
 
 
 def test_written_files_read_back(prepared):
@@ -386,12 +441,14 @@ def test_every_expert_trajectory_verifies_against_its_gold(splits):
             a, b = demo.record_factors(rec)
             gold = rec.get("answer", str(a * b))
             response = rec.get("response", demo.expert_trajectory(a, b))
+            if response == demo.cut_off(demo.expert_trajectory(a, b)):
+                response = demo.expert_trajectory(a, b)   # cut-offs: test_cutoffs_only_in_their_phrasings...
             assert verify.score(response, gold) == 1.0, (fname, rec)
             if n % 20 == 0:                    # and a near miss fails (a sample: the gold check is the point)
                 assert verify.score(response, str(a * b + 1)) == 0.0, (fname, rec)
             n += 1
     assert n == demo.DataConfig().bench_size * 3 + 199 + 1024 + 256 + 2048 * 3 + 8192
-    for rec in demo.build_splits(demo.DataConfig.quick(style="digits"))["rl.jsonl"]:
+    for rec in digits_rl_records():
         assert verify.score(rec["response"], rec["answer"]) == 1.0
         assert verify.extract_answer(rec["response"]) == rec["answer"]
 
