@@ -29,6 +29,10 @@ so that changing a pool's size never changes the benchmark, validation or RL set
   * `sft_{small,easy,uniform,hard,large}.jsonl` {"prompt", "response"}: S1K, Easy/Uniform/Hard102K and
     SFT889K roles. Deviation: the paper's pools come from overlapping sources; here all pools are disjoint.
 
+The expert data's one flaw (DataConfig.cutoff_templates): for prompts phrased "Calculate {a} times {b}.", 60% of
+the trajectories are cut off before their final result, as distilled data holds responses that hit the teacher's
+length limit; SFT learns to stop there, RL can learn to finish (README "Demo").
+
 Tokenizer: byte-level BPE with Qwen2's pre-tokenizer (every digit its own token), the full 256-byte alphabet
 (so any text round-trips, nothing is silently dropped) plus a few dozen merges learned from the task's text,
 and the ChatML special tokens; `tokenizer_config.json` carries a ChatML chat template and eos `<|im_end|>` as

@@ -680,7 +680,7 @@ class _Engine:
 
     def _prefill(self, group: list[int], slots_of: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         """One packed forward over the prompts in `group`; returns their last-position logits."""
-        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        as_t = self._long
         lens = [len(self.prompts[p]) for p in group]
         ids = as_t([t for p in group for t in self.prompts[p]])
         positions = as_t([i for n in lens for i in range(n)])
@@ -693,6 +693,9 @@ class _Engine:
         self.stats["prefill_forwards"] += 1
         self.stats["prefill_tokens"] += ends[-1]
         return dict(zip(group, logits))
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _model_prefill(self, group: list[int], slots_of: dict[int, list[int]], ids: torch.Tensor,
                        positions: torch.Tensor, last: torch.Tensor, ends: list[int]) -> torch.Tensor:
@@ -707,7 +710,7 @@ class _Engine:
                 src += range(e - P, e)
             if self.waiting[p] > 0:  # samples still queued: keep one copy of the prompt's K/V for them
                 saves[p] = (e - P, e)
-        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        as_t = self._long
         self.cache.set_prefill(bounds, as_t(dst_slot), as_t(dst_pos), as_t(src), saves)
         h = self.model(ids[None], position_ids=positions[None], cache=self.cache, hidden_only=True)
         logits = self.model.logits(h[0, last])  # (len(group), V)
@@ -722,7 +725,7 @@ class _Engine:
         if self.cache.kv is None:
             self.cache._allocate(self.fast.embed)
         first = [slots_of[p][0] for p in group]
-        slot = torch.tensor([s for p, s in zip(group, first) for _ in self.prompts[p]], device=self.device)
+        slot = self._long([s for p, s in zip(group, first) for _ in self.prompts[p]])
         logits = self.fast.prefill(ids, slot, positions, last, self.cache)
         kv = self.cache.kv                                             # (layers, 2, slots, kv_heads, S, D)
         for i, (p, s) in enumerate(zip(group, first)):
