@@ -457,6 +457,21 @@ def test_every_expert_trajectory_verifies_against_its_gold(splits):
 # The report's statistics and the whole demo at --quick size
 
 
+def test_unanswered_share_counts_replies_without_a_box_in_the_cutoff_phrasings(tmp_path):
+    """demo_report.unanswered_share: per problem in a cut-off phrasing, the fraction of its samples with no boxed
+    answer; problems in other phrasings are not counted."""
+    d = tmp_path / "eval" / "step_00000016"
+    d.mkdir(parents=True)
+    recs = [("Calculate 123 times 4.", ["123*4=", "123*4=492\nThe answer is \\boxed{492}."]),   # half unanswered
+            ("Calculate 200 times 3.", ["200*3="]),                                              # unanswered
+            ("Find the product of 310 and 5.", ["310*5=", "310*5="]),                            # other phrasing
+            ("What is $111 \\times 9$?", ["111*9="])]                                         # other phrasing
+    (d / "level1.jsonl").write_text("".join(json.dumps({"problem": p, "completions": c}) + "\n" for p, c in recs))
+    assert demo_report.unanswered_share(tmp_path, 16, [3]) == (1.5, 2)
+    assert demo_report.unanswered_share(tmp_path, 16, [2, 3]) == (2.5, 3)
+    assert demo_report.unanswered_share(tmp_path, 16, [1]) == (0.0, 0)
+
+
 def test_report_statistics_hand_checked():
     # plus-two binomial SE: 0 of 48 solved -> q = 1/50, SE = 100 sqrt(q (1 - q) / 50)
     assert demo_report.binomial_se(0.0, 48) == pytest.approx(100 * (0.02 * 0.98 / 50) ** 0.5)
