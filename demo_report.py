@@ -464,7 +464,8 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
            "the pure-RL runs from the base model have no evaluated start."
            + (" Unanswered: replies with no boxed answer to the benchmark problems phrased "
               + " or ".join(f"\"{demo.PROMPT_TEMPLATES[t]}\"" for t in lc["templates"])
-              + ", the phrasings whose expert trajectories are cut off before their final result "
+              + f", the phrasing{'s' if len(lc['templates']) > 1 else ''} whose expert trajectories are cut off "
+              "before their final result "
               f"{100 * lc['share']:.0f}% of the time (demo.DataConfig.cutoff_share).)"
               if cut else ")")]
     md += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
