@@ -62,19 +62,35 @@ static void norm_row(const float *x, const float *w, float *h, int64_t n, float 
     for (int64_t i = 0; i < n; i++) h[i] = x[i] * r * w[i];
 }
 
-/* h = RMSNorm(x) * w, row by row; rows over threads where there are many (a prefill's) */
+/* Rows over threads only where there are many (a prefill's): a decode step's few rows would pay for an OpenMP
+ * region per call, even a one-thread one */
+#define MANY_ROWS(rows, threads) ((threads) > 1 && (rows) >= 64)
+
+/* h = RMSNorm(x) * w, row by row */
 void rms_norm_rows(const float *x, const float *w, float *h, int64_t rows, int64_t n, float eps, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows >= 64)
-    for (int64_t b = 0; b < rows; b++) norm_row(x + b * n, w, h + b * n, n, eps);
+    if (MANY_ROWS(rows, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < rows; b++) norm_row(x + b * n, w, h + b * n, n, eps);
+    } else {
+        for (int64_t b = 0; b < rows; b++) norm_row(x + b * n, w, h + b * n, n, eps);
+    }
+}
+
+/* one row of silu_mul: g, u (inter) -> out (inter) */
+static void silu_row(const float *g, const float *u, float *out, int64_t inter) {
+    #pragma omp simd
+    for (int64_t i = 0; i < inter; i++) out[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
 }
 
 /* gu (B, 2I) = gate | up  ->  out (B, I) = silu(gate) * up */
 void silu_mul(const float *gu, float *out, int64_t rows, int64_t inter, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows >= 64)
-    for (int64_t b = 0; b < rows; b++) {
-        const float *g = gu + b * 2 * inter, *u = g + inter;
-        #pragma omp simd
-        for (int64_t i = 0; i < inter; i++) out[b * inter + i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+    if (MANY_ROWS(rows, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < rows; b++)
+            silu_row(gu + 2 * b * inter, gu + (2 * b + 1) * inter, out + b * inter, inter);
+    } else {
+        for (int64_t b = 0; b < rows; b++)
+            silu_row(gu + 2 * b * inter, gu + (2 * b + 1) * inter, out + b * inter, inter);
     }
 }
 
