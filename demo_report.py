@@ -254,6 +254,8 @@ def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
         best = max(evals, key=lambda e: e["scores"].get("level1", -1.0))
         sft.append({"pool": pool, "val_start": start, "val_min": min(losses) if losses else float("nan"),
                     "level1": best["scores"].get("level1", float("nan")), "level1_step": best["step"]})
+    data_cfg = json.loads((out / "data" / "config.json").read_text())
+    templates = data_cfg.get("cutoff_templates") or []
     rl = []
     for pool in cfg.sft_pools:
         run = FitOutput(out / "runs" / f"sft_{pool}")
@@ -263,18 +265,14 @@ def learning_check(out: Path, cfg: demo.StudyConfig) -> dict:
                              + fit_command(out, run.run_dir.name, branches))
         changes = {c["run"]: c for c in run.report["rl_changes"]}
         for ph in branch_steps(run.run_dir):
-            rl.append(changes[f"dapo_{pool}_{ph}"])
+            row = changes[f"dapo_{pool}_{ph}"]
+            if templates:                          # what RL did to the expert data's cut-offs (demo.DataConfig)
+                row["unanswered"] = (unanswered_share(run.run_dir, row["sft_step"], templates),
+                                     unanswered_share(out / "runs" / row["run"], row["rl_step"], templates))
+            rl.append(row)
     for algo in cfg.baseline_algos:
         _, y = FitOutput(out / "runs" / f"{algo}_base").curve()
         rl.append({"run": f"{algo}_base", "start": float("nan"), "end": float(y[-1])})
-    data_cfg = json.loads((out / "data" / "config.json").read_text())
-    templates = data_cfg.get("cutoff_templates") or []
-    if templates:                                  # what RL did to the expert data's cut-offs (demo.DataConfig)
-        for r in rl:
-            if "p" in r:
-                pool = r["run"].split("_")[1]
-                r["unanswered"] = (unanswered_share(out / "runs" / f"sft_{pool}", r["sft_step"], templates),
-                                   unanswered_share(out / "runs" / r["run"], r["rl_step"], templates))
     majority = max(r["level1"] for r in sft) > 50.0
     tested = [r for r in rl if "p" in r]
     alpha = 0.05 / max(len(tested), 1)
