@@ -413,7 +413,7 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
         vloss = {q["step"]: q["val_loss"] for q in p["sft"].report["sft"]}
         for ph, (step, row, est) in p["phases"].items():
             # a fit that is not identifiable has no ceiling to put an interval on (its bootstrap runs away)
-            ci = f" [{row['A_ci'][0]:.1f}, {row['A_ci'][1]:.1f}]" if row.get("A_ci") and row["status"] == "ok" else ""
+            ci = " " + fit.format_ci(row["A_ci"]) if row.get("A_ci") and row["status"] == "ok" else ""
             vl = vloss.get(step)
             md.append(f"| {ph} | {step} | {'-' if vl is None else f'{vl:.3f}'} | {row['P_sft']:.1f} | "
                       f"{fit._f(row['A_post']) if row['status'] == 'ok' else '-'}{ci} ({row['status']}) | "

@@ -37,7 +37,8 @@ Deviations from the paper and from the authors' released fitter, all deliberate:
     decide. The released code reports such fits (A = 100 on the gain axis) as ceilings.
   * The paper reports no uncertainty. `bootstrap_ceiling` resamples residuals (and, optionally, the benchmark
     noise of P_sft) to give percentile CIs for A_post and PL_rl; `analyze` says when two checkpoints' ceilings
-    differ by less than that noise.
+    differ by less than that noise. An interval whose upper tail holds replicates that are not identifiable is
+    reported open above (inf), not with the runaway value the optimiser's bounds gave them.
   * Sub-phases: the paper's Eq. 15 makes "stable" the *set* T_stable, which can be non-contiguous (several
     minima); we label the whole interval [min T_stable, max T_stable] stable so the phases are time intervals.
   * Table 4 splits: the requested train range is clipped to the points that exist; the released code instead
@@ -356,6 +357,8 @@ def bootstrap_ceiling(x, y, result: FitResult, *, n_boot: int = 200, seed: int =
     and refits by plain least squares (the robust stages already chose the points). With p_start_se > 0 the
     start value is noisy too (an RL branch's P_sft is one evaluation: binomial SE = sqrt(p(1-p)/n_problems));
     a replicate draws P_start* ~ N(P_start, se^2), so the x = 0 point moves and PL* = A* - P_start*.
+    When more than (1 - level) / 2 of the replicates are not identifiable (the same test as fit_curve's status),
+    the upper ends of both intervals are inf: the interval is open above.
     """
     x = np.asarray(x, dtype=np.float64)[result.inliers]
     y = np.asarray(y, dtype=np.float64)[result.inliers]
@@ -367,23 +370,28 @@ def bootstrap_ceiling(x, y, result: FitResult, *, n_boot: int = 200, seed: int =
     pool = (y - fitted)[pos]
     pool = pool - pool.mean()
     rng = np.random.default_rng(seed)
-    a_s, pl_s, unident = [], [], 0
+    a_s, pl_s, unident = [], [], []
     for _ in range(n_boot):
         ys = fitted.copy()
         ys[pos] += rng.choice(pool, size=int(pos.sum()), replace=True)
         s0 = result.P_start + (rng.normal() * p_start_se if p_start_se > 0 else 0.0)
         ys[~pos] = s0
         s, a, lc, lb, _ = _lsq(x, ys, s0, cfg, box, init=th, n_grid_starts=1)
-        unident += int(math.exp(lc) > x.max() or lb >= box.log_b[1] - 1e-4 or lb <= box.log_b[0] + 1e-4)
+        unident.append(math.exp(lc) > x.max() or lb >= box.log_b[1] - 1e-4 or lb <= box.log_b[0] + 1e-4)
         a_s.append(a)
         pl_s.append(a - s)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     a_lo, a_hi = np.percentile(a_s, q)
     pl_lo, pl_hi = np.percentile(pl_s, q)
+    frac = float(np.mean(unident))
+    if frac > (1 - level) / 2:
+        # More replicates than the upper tail holds never bend within the data: their A is whatever the optimiser's
+        # bounds allow (1e15 has been seen), so the interval's upper end is not a number the data give -> open.
+        a_hi = pl_hi = math.inf
     # the SE is read off the percentile interval: replicates that run away would make a plain std meaningless
     se = float(np.percentile(a_s, 84.13) - np.percentile(a_s, 15.87)) / 2
     return {"A_ci": (float(a_lo), float(a_hi)), "PL_ci": (float(pl_lo), float(pl_hi)), "A_se": se,
-            "n_boot": n_boot, "frac_unidentified": unident / n_boot}
+            "n_boot": n_boot, "frac_unidentified": frac}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,13 +604,19 @@ def _f(v, fmt=".1f"):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def format_ci(ci: tuple[float, float], fmt: str = ".1f") -> str:
+    """"[lo, hi]", or "[lo, inf)" for an interval open above (see bootstrap_ceiling)."""
+    lo, hi = ci
+    return f"[{lo:{fmt}}, inf)" if math.isinf(hi) else f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
 def format_report(report: dict) -> str:
     """Markdown for one `analyze` report."""
     out = [f"## Plasticity-Ceiling: {report['name']} ({report['metric']})", "",
            "| SFT step | SFT EFLOPs | sub-phase | P_sft | PL_rl | A_post | A_post 95% CI | C_mid | B | status |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        ci = f"[{r['A_ci'][0]:.1f}, {r['A_ci'][1]:.1f}]" if "A_ci" in r else "-"
+        ci = format_ci(r["A_ci"]) if "A_ci" in r else "-"
         mark = " (best)" if r["sft_step"] == report["best_step"] else (
             " (within noise of best)" if r.get("within_noise_of_best") else "")
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
@@ -678,11 +692,12 @@ def plot_decomposition(report: dict, path: str | Path) -> Path:
            label="PL_rl")
     a_post = np.array([r["A_post"] for r in rows])
     ax.plot(xs, a_post, "o-", color="#1f3b73", label="A_post")
-    if rows and "A_ci" in rows[0]:
-        ci = np.array([r["A_ci"] for r in rows])  # (n, 2)
-        ax.errorbar(xs, a_post, yerr=[a_post - ci[:, 0], ci[:, 1] - a_post], fmt="none", ecolor="#1f3b73", capsize=3)
     lo = min([r["P_sft"] for r in rows], default=0)
-    ax.set_ylim(lo - 5, max([r["A_post"] for r in rows], default=100) + 2)
+    top = max([r["A_post"] for r in rows], default=100) + 2
+    if rows and "A_ci" in rows[0]:
+        ci = np.minimum(np.array([r["A_ci"] for r in rows]), top)  # (n, 2); an open upper end runs off the top
+        ax.errorbar(xs, a_post, yerr=[a_post - ci[:, 0], ci[:, 1] - a_post], fmt="none", ecolor="#1f3b73", capsize=3)
+    ax.set_ylim(lo - 5, top)
     ax.set_xlabel("SFT compute (EFLOPs)")
     ax.set_ylabel(report["metric"])
     ax.set_title(f"{report['name']}: post-training ceiling")

@@ -157,7 +157,7 @@ def format_table4(t4: dict) -> str:
            "within 0.3 | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t4["rows"]:
         p, q = r["paper"], r["released"]
-        ci = f" [{r['A_ci'][0]:.1f}, {r['A_ci'][1]:.1f}]" if "A_ci" in r else ""
+        ci = " " + fit.format_ci(r["A_ci"]) if "A_ci" in r else ""
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
         if r["paper_at_cap"]:
             status += f"; paper = authors' cap P_sft + 1.5 max gain = {r['authors_cap']:.2f}"

@@ -123,6 +123,22 @@ def test_bootstrap_ci_covers_truth():
     assert noisy["PL_ci"][1] - noisy["PL_ci"][0] > hi - lo  # the start's noise widens the plasticity interval
 
 
+def test_bootstrap_ci_open_above_when_replicates_run_away():
+    # a demo branch (uniform pool, stable checkpoint): accuracy barely moves, so some replicates never bend and
+    # their A is whatever the bounds allow (the raw 97.5th percentile was ~1e15)
+    x = [0.0, 2.05572617472e-07, 4.24362650112e-07, 6.32323589376e-07, 8.21606668032e-07]
+    y = [6.666666666666667, 7.083333333333334, 7.916666666666667, 7.083333333333333, 5.833333333333334]
+    r = fit.fit_curve(x, y, p_start=y[0], outlier_threshold=2.5)
+    se = math.sqrt(y[0] * (100 - y[0]) / 240)
+    bs = fit.bootstrap_ceiling(x, y, r, n_boot=200, seed=0, p_start_se=se)
+    assert 0.025 < bs["frac_unidentified"] < 0.25
+    assert math.isinf(bs["A_ci"][1]) and math.isinf(bs["PL_ci"][1])
+    assert 5.0 < bs["A_ci"][0] < r.A and fit.format_ci(bs["A_ci"]) == f"[{bs['A_ci'][0]:.1f}, inf)"
+    # a 50% interval's upper tail (25% of replicates) holds them all: it closes again, below the runaways
+    half = fit.bootstrap_ceiling(x, y, r, n_boot=200, seed=0, p_start_se=se, level=0.5)
+    assert r.A - 1.0 < half["A_ci"][1] < 20.0 and fit.format_ci(half["A_ci"]).endswith("]")
+
+
 def test_fit_curve_rejects_bad_input():
     with pytest.raises(ValueError, match=r"x\[2\]=5.0 > x\[3\]=4.0"):
         fit.fit_curve([0, 1, 5, 4, 6, 7], [0, 1, 2, 3, 4, 5])
