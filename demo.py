@@ -475,9 +475,9 @@ class StudyConfig:
     sft_pools: tuple[str, ...] = SFT_POOLS
     # steps per pool: the small pool overfits long before the others; the large one needs the most steps to learn
     # (at 2,500 its validation loss was still falling where the cosine schedule ended: 60-74% on level 1 depending on
-    # the draw, 87.5% at 3,500); the 2048-example pools barely learn either way (level 1 <= 6% at 1,500)
+    # the draw, 87.5% at 3,500); at 1,200 instead of 1,500 steps the 2048-example pools learned nothing at all
     sft_steps: dict[str, int] = field(default_factory=lambda: {
-        "small": 500, "easy": 1200, "uniform": 1200, "hard": 1200, "large": 3500})
+        "small": 500, "easy": 1500, "uniform": 1500, "hard": 1500, "large": 3500})
     sft_sequences_per_step: int = 16
     sft_lr: float = 3e-3
     sft_warmup_ratio: float = 0.05

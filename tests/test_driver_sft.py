@@ -91,15 +91,32 @@ def test_microbatch_size_does_not_change_the_run(setup, reference_run):
     assert a[-1] < a[0] - 0.5  # and it trains
 
 
-def test_two_ranks_equal_one_process(setup, reference_run):
-    """torchrun --nproc_per_node=2 (gloo, FSDP2): same losses (1e-5) and the same exported weights."""
-    ck, train, tmp = setup
+def torchrun_2(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "retu.py"), *argv(ck, train, tmp / "two")]
+           str(ROOT / "retu.py"), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def resume_from(run, checkpoint):
+    """A fresh run directory holding only `checkpoint` (linked), for --resume auto."""
+    (run / "checkpoints").mkdir(parents=True)
+    os.symlink(checkpoint, run / "checkpoints" / checkpoint.name)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(setup):
+    ck, train, tmp = setup
+    torchrun_2(argv(ck, train, tmp / "two"))
+    return tmp / "two"
+
+
+def test_two_ranks_equal_one_process(setup, reference_run, two_rank_run):
+    """torchrun --nproc_per_node=2 (gloo, FSDP2): same losses (1e-5) and the same exported weights."""
+    tmp = setup[2]
     assert records(tmp / "two", "config")[0]["world_size"] == 2
     a = [r["loss"] for r in records(reference_run)]
     b = [r["loss"] for r in records(tmp / "two")]
@@ -109,6 +126,21 @@ def test_two_ranks_equal_one_process(setup, reference_run):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
+
+
+def test_checkpoints_resume_across_world_sizes(setup, reference_run, two_rank_run):
+    """One fp32 process trains a plain module (no FSDP), two ranks FSDP2 shards: the step-4 checkpoint of either
+    resumes under the other and the rest of the run equals the uninterrupted one (losses to 1e-5)."""
+    ck, train, tmp = setup
+    want = {r["step"]: r["loss"] for r in records(reference_run)}
+    resume_from(tmp / "one_to_two", reference_run / "checkpoints" / "step_00000004")
+    res = torchrun_2(argv(ck, train, tmp / "one_to_two", resume="auto"))
+    assert "resumed from" in res.stdout and records(tmp / "one_to_two", "config")[0]["world_size"] == 2
+    resume_from(tmp / "two_to_one", two_rank_run / "checkpoints" / "step_00000004")
+    assert retu.main(argv(ck, train, tmp / "two_to_one", resume="auto")) == 0
+    for run in ("one_to_two", "two_to_one"):
+        got = {r["step"]: r["loss"] for r in records(tmp / run)}
+        assert sorted(got) == [5, 6] and all(abs(got[s] - want[s]) < 1e-5 for s in (5, 6)), run
 
 
 def test_resume_after_a_crash_continues_exactly(setup, reference_run, monkeypatch):
