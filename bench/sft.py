@@ -5,7 +5,8 @@
 
 Both loops train the same random-weight checkpoint on the same synthetic SFT data (varied lengths), the same
 sequences per optimiser step, the same AdamW settings:
-  * retu:  the real driver (`retu.main(["sft", ...])`, in process): FSDP2 (one rank), padding-free packing into
+  * retu:  the real driver (`retu.main(["sft", ...])`, in process): FSDP2 on GPU (bf16 mixed precision; one fp32
+           process on the CPU trains the plain module, train.shard_model), padding-free packing into
            micro-batches of --tokens-per-microbatch, chunked log-probs (no (T, V) logits), global token-mean
            loss, bf16 mixed precision on GPU; its per-step `tokens_per_s` is read back from metrics.jsonl.
   * plain: the textbook loop: the step's sequences right-padded into fixed-size micro-batches, full (B, T, V)
