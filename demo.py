@@ -629,16 +629,16 @@ def study_stages(out_dir: str | os.PathLike, cfg: StudyConfig) -> list[Stage]:
     """Every run of the study, in dependency order (a stage only needs the stages before it)."""
     out = Path(out_dir)
     runs = out / "runs"
-    # estimates measured on the 2-core machine (one thread per worker): ~8 ms per SFT sequence, ~1.5 s per evaluated
-    # checkpoint, ~3 s per RL step
-    eval_est_s = 1.5 * cfg.rl_steps / cfg.rl_ckpt_every
-    rl_est_s = 3.0 * cfg.rl_steps + eval_est_s
+    # estimates measured on the 2-core machine (one thread per worker): ~8 ms per SFT sequence, ~2.2 s per evaluated
+    # checkpoint (the default benchmark's 600 problems), ~2 s per RL step
+    eval_est_s = 2.2 * cfg.rl_steps / cfg.rl_ckpt_every
+    rl_est_s = 2.0 * cfg.rl_steps + eval_est_s
     stages = []
     for pool in cfg.sft_pools:                     # pure SFT: checkpoints + validation loss, then benchmarks
         stages.append(Stage(f"sft_{pool}", sft_cmd(out, cfg, pool), needs=("base_model",),
                             est_s=0.008 * cfg.sft_steps[pool] * cfg.sft_sequences_per_step))
         stages.append(Stage(f"eval_sft_{pool}", eval_cmd(out, cfg, f"sft_{pool}"), needs=(f"sft_{pool}",),
-                            est_s=1.5 * cfg.sft_steps[pool] / cfg.sft_ckpt_every))
+                            est_s=2.2 * cfg.sft_steps[pool] / cfg.sft_ckpt_every))
     for pool in cfg.sft_pools:
         phases = cfg.phases(pool)
         if not phases:
