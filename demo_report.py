@@ -37,13 +37,26 @@ PARADIGM_LABELS = {"grpo": "pure RL: GRPO", "dapo": "pure RL: DAPO_d", "luffy": 
 
 @dataclass
 class Estimate:
-    """A measured accuracy or ceiling (percent) with its standard error and where it comes from."""
+    """A measured accuracy or ceiling (percent) with its standard error and where it comes from. A fitted ceiling
+    also has one-sided SEs: its bootstrap is skewed upwards when the curve barely bends (fit.bootstrap_ceiling)."""
     value: float
     se: float
     source: str                                    # "A_post (fit)" or "final accuracy"
+    se_lo: float | None = None                     # SE below the value (None: se)
+    se_hi: float | None = None                     # SE above the value (None: se; inf: not bounded above)
+
+    @property
+    def lo(self) -> float:
+        return self.se if self.se_lo is None else self.se_lo
+
+    @property
+    def hi(self) -> float:
+        return self.se if self.se_hi is None else self.se_hi
 
     def fmt(self) -> str:
-        return f"{self.value:.1f} ± {self.se:.1f}"
+        if self.lo == self.hi:
+            return f"{self.value:.1f} ± {self.se:.1f}"
+        return f"{self.value:.1f} +{self.hi:.1f}/-{self.lo:.1f}"
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -54,8 +67,9 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def compare(a: Estimate, b: Estimate) -> tuple[str, float]:
-    """Verdict on the claim a > b, and its z score."""
-    s = math.hypot(a.se, b.se)
+    """Verdict on the claim a > b, and its z score. The SEs are the sides facing each other (a's lower and b's upper
+    when a is ahead): a ceiling not bounded above (se_hi inf) cannot be shown to lie below anything."""
+    s = math.hypot(a.lo, b.hi) if a.value >= b.value else math.hypot(a.hi, b.lo)
     z = (a.value - b.value) / s if s > 0 else math.copysign(math.inf, a.value - b.value) if a.value != b.value else 0.0
     return (VERDICTS[0] if z > Z else VERDICTS[1] if z < -Z else VERDICTS[2]), z
 
@@ -115,7 +129,8 @@ class FitOutput:
         (every point 0, say) gives 0, but each point is a measurement on n_problems with that noise."""
         if row["status"] == "ok" and row.get("A_se") is not None and math.isfinite(row["A_se"]):
             floor = binomial_se(min(max(row["A_post"], 0.0), 100.0), self.n_problems)
-            return Estimate(row["A_post"], max(row["A_se"], floor), "A_post (fit)")
+            sides = [max(row[k], floor) if k in row else None for k in ("A_se_lo", "A_se_hi")]
+            return Estimate(row["A_post"], max(row["A_se"], floor), "A_post (fit)", *sides)
         return Estimate(row["y"][-1], binomial_se(row["y"][-1], self.n_problems), "final accuracy")
 
 
@@ -333,10 +348,13 @@ def plot_finding2(f2: dict, path: Path) -> Path:
                  label="RL gain: ceiling - P_sft")
         ax_r.bar(pos, [max(0.0, s - e.value) for e, s in zip(est, psft)], 0.6, bottom=[e.value for e in est],
                  color="white", hatch="///", edgecolor="#c44e52", label="RL loss: P_sft - ceiling")
-        ax_r.errorbar(pos, [e.value for e in est], yerr=[Z * e.se for e in est], fmt="none", ecolor="k", capsize=3)
+        top = min(100.0, max(5.0, 1.1 * max(e.value + Z * e.lo for e in est)))  # an unbounded bar runs off the top
+        ax_r.errorbar(pos, [e.value for e in est], yerr=[[Z * e.lo for e in est],
+                                                          [min(Z * e.hi, top - e.value) for e in est]],
+                      fmt="none", ecolor="k", capsize=3)
         ax_r.set_xticks(pos, [f"{ph}\n{'fit' if e.source.startswith('A_post') else 'final'}"
                               for ph, e in zip(names, est)], fontsize=8)
-        ax_r.set_ylim(0, max(5.0, 1.1 * max(e.value + Z * e.se for e in est)))   # accuracy is never below 0
+        ax_r.set_ylim(0, top)   # accuracy is never below 0
         ax_r.set_ylabel("accuracy (%)")
         ax_r.set_title("ceiling per branch (95% bars)", fontsize=9)
         ax_r.legend(fontsize=7)
@@ -352,10 +370,12 @@ def plot_finding3(f3: dict, path: Path) -> Path:
     rows = f3["rows"]
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(8, 3.4))
     pos = np.arange(len(rows))
-    ax_l.bar(pos, [r["est"].value for r in rows], 0.6, color="#55a868",
-             yerr=[Z * r["est"].se for r in rows], capsize=3)
+    est = [r["est"] for r in rows]
+    top = min(100.0, max(5.0, 1.1 * max(e.value + Z * e.lo for e in est)))   # an unbounded bar runs off the top
+    ax_l.bar(pos, [e.value for e in est], 0.6, color="#55a868", capsize=3,
+             yerr=[[Z * e.lo for e in est], [min(Z * e.hi, top - e.value) for e in est]])
     ax_l.set_xticks(pos, [f"{r['pool']}\n{r['size']}" for r in rows], fontsize=8)
-    ax_l.set_ylim(0, max(5.0, 1.1 * max(r["est"].value + Z * r["est"].se for r in rows)))
+    ax_l.set_ylim(0, top)
     ax_l.set_ylabel("ceiling (%)")
     ax_l.set_title("best branch ceiling per SFT pool (95% bars)", fontsize=9)
     lv = [r["min_val_loss"] for r in rows if r["min_val_loss"] is not None]

@@ -358,7 +358,9 @@ def bootstrap_ceiling(x, y, result: FitResult, *, n_boot: int = 200, seed: int =
     start value is noisy too (an RL branch's P_sft is one evaluation: binomial SE = sqrt(p(1-p)/n_problems));
     a replicate draws P_start* ~ N(P_start, se^2), so the x = 0 point moves and PL* = A* - P_start*.
     When more than (1 - level) / 2 of the replicates are not identifiable (the same test as fit_curve's status),
-    the upper ends of both intervals are inf: the interval is open above.
+    the upper ends of both intervals are inf: the interval is open above. A_se is half the 16th-84th percentile
+    width; A_se_lo / A_se_hi are the distances from A down to the 16th / up to the 84th percentile (inf when more
+    than 16% of the replicates are not identifiable), for one-sided comparisons of skewed ceilings.
     """
     x = np.asarray(x, dtype=np.float64)[result.inliers]
     y = np.asarray(y, dtype=np.float64)[result.inliers]
@@ -389,9 +391,14 @@ def bootstrap_ceiling(x, y, result: FitResult, *, n_boot: int = 200, seed: int =
         # bounds allow (1e15 has been seen), so the interval's upper end is not a number the data give -> open.
         a_hi = pl_hi = math.inf
     # the SE is read off the percentile interval: replicates that run away would make a plain std meaningless
-    se = float(np.percentile(a_s, 84.13) - np.percentile(a_s, 15.87)) / 2
+    p16, p84 = np.percentile(a_s, [15.87, 84.13])
+    se = float(p84 - p16) / 2
+    # one-sided SEs for claims "A > other" (se_lo) and "A < other" (se_hi): the bootstrap of a curve that barely
+    # bends is skewed upwards; the upper one counts non-identifiable replicates as unbounded, like the interval
+    se_lo = max(result.A - float(p16), 0.0)
+    se_hi = math.inf if frac > 1 - 0.8413 else max(float(p84) - result.A, 0.0)
     return {"A_ci": (float(a_lo), float(a_hi)), "PL_ci": (float(pl_lo), float(pl_hi)), "A_se": se,
-            "n_boot": n_boot, "frac_unidentified": frac}
+            "A_se_lo": se_lo, "A_se_hi": se_hi, "n_boot": n_boot, "frac_unidentified": frac}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +577,8 @@ def analyze(sft_points: list[dict], rl_branches: dict, *, metric: str = "overall
         if n_boot > 0:
             se = math.sqrt(p_sft * (100 - p_sft) / n_problems) if n_problems else 0.0
             bs = bootstrap_ceiling(x, y, res, n_boot=n_boot, seed=seed, p_start_se=se)
-            row.update(A_ci=bs["A_ci"], PL_ci=bs["PL_ci"], A_se=bs["A_se"], frac_unidentified=bs["frac_unidentified"])
+            row.update(A_ci=bs["A_ci"], PL_ci=bs["PL_ci"], A_se=bs["A_se"], A_se_lo=bs["A_se_lo"],
+                       A_se_hi=bs["A_se_hi"], frac_unidentified=bs["frac_unidentified"])
         rows.append(row)
 
     ok = [r for r in rows if r["status"] == "ok"]

@@ -481,6 +481,13 @@ def test_report_statistics_hand_checked():
     assert demo_report.compare(est(60, 3, ""), est(50, 4, "")) == (sup, pytest.approx(2.0))   # 10 / 5
     assert demo_report.compare(est(50, 3, ""), est(60, 4, ""))[0] == no
     assert demo_report.compare(est(55, 3, ""), est(50, 4, ""))[0] == inc
+    # skewed ceilings: the sides facing each other count (a's lower, b's upper when a is ahead)
+    assert demo_report.compare(est(60, 20, "", 3, 40), est(50, 4, "")) == (sup, pytest.approx(2.0))
+    assert demo_report.compare(est(50, 4, ""), est(60, 20, "", 3, 40)) == (no, pytest.approx(-2.0))
+    assert demo_report.compare(est(60, 3, ""), est(50, 1, "", 1, 4)) == (sup, pytest.approx(10 / 5))
+    # a ceiling not bounded above is never shown to lie below another
+    assert demo_report.compare(est(60, 3, ""), est(20, 2, "", 1, math.inf)) == (inc, 0.0)
+    assert est(20, 2, "", 1, math.inf).fmt() == "20.0 +inf/-1.0" and est(5, 1, "").fmt() == "5.0 ± 1.0"
     assert demo_report.combine([sup, sup]) == sup and demo_report.combine([sup, inc]) == inc
     assert demo_report.combine([sup, no, inc]) == no and demo_report.combine([]) == inc
     # perfectly anti-correlated: only 1 of the 3! orderings reaches r = -1; all reach r >= -1

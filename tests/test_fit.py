@@ -119,6 +119,7 @@ def test_bootstrap_ci_covers_truth():
     lo, hi = bs["A_ci"]
     assert lo < 60.0 < hi and hi - lo < 2.0
     assert bs["PL_ci"] == pytest.approx((lo - 10.0, hi - 10.0))  # P_start fixed: PL = A - 10 in every replicate
+    assert bs["A_se_lo"] + bs["A_se_hi"] == pytest.approx(2 * bs["A_se"]) and bs["A_se_hi"] < 1.0
     noisy = fit.bootstrap_ceiling(x, y, r, n_boot=100, seed=0, p_start_se=0.9)
     assert noisy["PL_ci"][1] - noisy["PL_ci"][0] > hi - lo  # the start's noise widens the plasticity interval
 
@@ -134,9 +135,24 @@ def test_bootstrap_ci_open_above_when_replicates_run_away():
     assert 0.025 < bs["frac_unidentified"] < 0.25
     assert math.isinf(bs["A_ci"][1]) and math.isinf(bs["PL_ci"][1])
     assert 5.0 < bs["A_ci"][0] < r.A and fit.format_ci(bs["A_ci"]) == f"[{bs['A_ci'][0]:.1f}, inf)"
+    # one-sided SEs: the two sides add up to the 16th-84th width; this bootstrap is skewed upwards; 12.5% of the
+    # replicates run away, fewer than the 15.9% above the 84th percentile, so the upper side is still finite
+    assert bs["A_se_lo"] + bs["A_se_hi"] == pytest.approx(2 * bs["A_se"])
+    assert bs["A_se_lo"] < 0.1 < 2.0 < bs["A_se_hi"] < math.inf
     # a 50% interval's upper tail (25% of replicates) holds them all: it closes again, below the runaways
     half = fit.bootstrap_ceiling(x, y, r, n_boot=200, seed=0, p_start_se=se, level=0.5)
     assert r.A - 1.0 < half["A_ci"][1] < 20.0 and fit.format_ci(half["A_ci"]).endswith("]")
+
+
+def test_bootstrap_upper_se_open_when_more_than_16_percent_run_away():
+    # the demo's adaptive branch of the large pool: still rising after 16 RL steps; 19.5% of the replicates put
+    # C_mid beyond the data, more than the 15.9% above the 84th percentile
+    x = [0.0, 2.07344677632e-07, 4.393177152e-07, 6.72679325952e-07, 8.920931151359999e-07]
+    y = [14.833333333333334, 16.166666666666668, 17.5, 18.0, 18.666666666666668]
+    r = fit.fit_curve(x, y, p_start=y[0], outlier_threshold=2.5)
+    bs = fit.bootstrap_ceiling(x, y, r, n_boot=200, seed=0, p_start_se=math.sqrt(y[0] * (100 - y[0]) / 600))
+    assert r.status == "ok" and bs["frac_unidentified"] > 0.1587
+    assert bs["A_se_hi"] == math.inf and 0.5 < bs["A_se_lo"] < 3.0 and math.isinf(bs["A_ci"][1])
 
 
 def test_fit_curve_rejects_bad_input():
