@@ -4,16 +4,19 @@ Every number comes from the `retu.py fit` outputs of the run directory (`runs/<r
 `input.json`), which the study's fit stages write; the report says which command reproduces each table. For each of
 the paper's three findings the report gives the measured evidence and a verdict computed from it, one of VERDICTS.
 
-Noise model. A benchmark accuracy p (percent) measured on n problems has the binomial standard error, taken from
-the plus-two estimate (k + 1) / (n + 2) so that it is not zero at 0% or 100%. A ceiling A_post from a fit that
-fit.py calls identifiable ("ok") carries its bootstrap SE (fit.bootstrap_ceiling: residual bootstrap plus P_sft's
-binomial noise); a branch whose fit is not identifiable is represented by its final accuracy with the binomial SE.
-A claim "x > y" is supported when x - y exceeds 1.96 times the combined SE sqrt(se_x^2 + se_y^2), not supported
-when y - x does, and inconclusive (within noise) otherwise. The correlation between minimum validation loss and
-ceiling is judged by an exact permutation test (all orderings of the pools): no distributional assumption is
-needed for a handful of points. Whether an RL branch changed accuracy at all is a paired question (the same
-problems before and after), judged by an exact sign test on the problems it gained and lost (`retu.py fit`
-computes it, fit.sign_test), with a Bonferroni bound over the branches tested (`learning_check`).
+Noise model. A benchmark accuracy p (percent) measured on n problems has the binomial standard error, taken from the
+plus-two estimate (k + 1) / (n + 2) so that it is not zero at 0% or 100%. A ceiling A_post from a fit that fit.py
+calls identifiable ("ok") carries its bootstrap SEs (fit.bootstrap_ceiling: residual bootstrap plus P_sft's binomial
+noise), one below and one above it: the bootstrap of a curve that barely bends is skewed upwards, and the upper SE
+is infinite when more than 16% of the replicates are not identifiable themselves. A branch whose fit is not
+identifiable is represented by its final accuracy with the binomial SE. A claim "x > y" is supported when x - y
+exceeds 1.96 times the combined SE of the sides facing each other, sqrt(se_x,below^2 + se_y,above^2), not supported
+when y - x exceeds 1.96 sqrt(se_y,below^2 + se_x,above^2), and inconclusive (within noise) otherwise. The
+correlation between minimum validation loss and ceiling is judged by an exact permutation test (all orderings of the
+pools): no distributional assumption is needed for a handful of points. Whether an RL branch changed accuracy at all
+is a paired question (the same problems before and after), judged by an exact sign test on the problems it gained
+and lost (`retu.py fit` computes it, fit.sign_test), with a Bonferroni bound over the branches tested
+(`learning_check`).
 """
 from __future__ import annotations
 
@@ -414,8 +417,9 @@ def write_report(out_dir: str | Path, cfg: demo.StudyConfig, *, quick: bool = Fa
           f"Study directory `{out}`; {len(secs)} stages, {stages.fmt_s(sum(secs.values()))} of stage time. "
           f"Accuracy is pass@1 on {n} benchmark problems (levels {', '.join(map(str, cfg.bench_levels))}), "
           f"temperature {cfg.eval_temperature}. Noise model: binomial SE of an accuracy (plus-two estimate, never 0); "
-          "fit.py's bootstrap SE for an identifiable A_post; a claim x > y is *supported* when x - y > 1.96 "
-          "sqrt(se_x^2 + se_y^2), *not supported* when y - x is, *inconclusive (within noise)* otherwise.", ""]
+          "fit.py's bootstrap SEs below / above an identifiable A_post (+inf: not bounded above); a claim x > y is "
+          "*supported* when x - y > 1.96 sqrt(se_x,below^2 + se_y,above^2), *not supported* when y - x exceeds the "
+          "mirror bound, *inconclusive (within noise)* otherwise.", ""]
     md += ["## Finding 1: sequential SFT-then-RL beats pure RL and Syn-SFT-RL", "",
            "| paradigm | final accuracy (%) ± SE | compute (EFLOPs) | SFT-then-RL better? (z) |", "|---|---|---|---|"]
     for e in f1["entries"]:
