@@ -585,7 +585,8 @@ def analyze(sft_points: list[dict], rl_branches: dict, *, metric: str = "overall
     best = max(ok, key=lambda r: r["A_post"]) if ok else None
     for r in rows:  # is this checkpoint's ceiling distinguishable from the best one's?
         if best is not None and "A_se" in r and r["status"] == "ok":
-            z = (best["A_post"] - r["A_post"]) / max(math.hypot(best["A_se"], r["A_se"]), 1e-12)
+            # the sides facing each other: the best one's lower SE, this one's upper SE (inf: not bounded above)
+            z = (best["A_post"] - r["A_post"]) / max(math.hypot(best["A_se_lo"], r["A_se_hi"]), 1e-12)
             r["within_noise_of_best"] = bool(z < 1.96)
     valid = [v for v in losses if v is not None]
     sft_table = [{"step": int(p["step"]), "eflops": float(p["eflops"]),
