@@ -364,7 +364,10 @@ def test_adversarial_fast_and_closed(name, completion, gold, want):
     wall, cpu = time.perf_counter(), time.process_time()
     assert verify.score(completion, gold) == want
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    assert cpu < 1.0, (name, cpu)          # CPU time of this process: immune to other jobs on the machine
+    # CPU time of this process: immune to other jobs on the machine. The bound is for super-linear blowups (seconds
+    # to minutes on these inputs): 1MB-boxes costs 0.03-0.35 s alone, but read 1.0-1.1 s inside the full suite on a
+    # loaded machine (cause not pinned down: not the torch threads, not the collector walking a large heap)
+    assert cpu < 2.0, (name, cpu)
     assert wall < 10.0, (name, wall)       # hang guard
     assert not os.path.exists("/tmp/retu_pwned")
 
