@@ -320,6 +320,12 @@ def plot_finding1(f1: dict, path: Path) -> Path:
     return path
 
 
+def _bars(est: list[Estimate]) -> tuple[list[list[float]], float]:
+    """95% error bars (below, above) of estimates in percent, and the axis top: an unbounded bar runs off it."""
+    top = min(100.0, max(5.0, 1.1 * max(e.value + Z * e.lo for e in est)))
+    return [[Z * e.lo for e in est], [min(Z * e.hi, top - e.value) for e in est]], top
+
+
 def plot_finding2(f2: dict, path: Path) -> Path:
     """Figure 3/5 style, one row per pool: validation loss with the sub-phases and the branch points (left);
     P_sft + PL_rl = ceiling of each branch with its error bar (right)."""
@@ -351,10 +357,8 @@ def plot_finding2(f2: dict, path: Path) -> Path:
                  label="RL gain: ceiling - P_sft")
         ax_r.bar(pos, [max(0.0, s - e.value) for e, s in zip(est, psft)], 0.6, bottom=[e.value for e in est],
                  color="white", hatch="///", edgecolor="#c44e52", label="RL loss: P_sft - ceiling")
-        top = min(100.0, max(5.0, 1.1 * max(e.value + Z * e.lo for e in est)))  # an unbounded bar runs off the top
-        ax_r.errorbar(pos, [e.value for e in est], yerr=[[Z * e.lo for e in est],
-                                                          [min(Z * e.hi, top - e.value) for e in est]],
-                      fmt="none", ecolor="k", capsize=3)
+        yerr, top = _bars(est)
+        ax_r.errorbar(pos, [e.value for e in est], yerr=yerr, fmt="none", ecolor="k", capsize=3)
         ax_r.set_xticks(pos, [f"{ph}\n{'fit' if e.source.startswith('A_post') else 'final'}"
                               for ph, e in zip(names, est)], fontsize=8)
         ax_r.set_ylim(0, top)   # accuracy is never below 0
@@ -374,9 +378,8 @@ def plot_finding3(f3: dict, path: Path) -> Path:
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(8, 3.4))
     pos = np.arange(len(rows))
     est = [r["est"] for r in rows]
-    top = min(100.0, max(5.0, 1.1 * max(e.value + Z * e.lo for e in est)))   # an unbounded bar runs off the top
-    ax_l.bar(pos, [e.value for e in est], 0.6, color="#55a868", capsize=3,
-             yerr=[[Z * e.lo for e in est], [min(Z * e.hi, top - e.value) for e in est]])
+    yerr, top = _bars(est)
+    ax_l.bar(pos, [e.value for e in est], 0.6, color="#55a868", capsize=3, yerr=yerr)
     ax_l.set_xticks(pos, [f"{r['pool']}\n{r['size']}" for r in rows], fontsize=8)
     ax_l.set_ylim(0, top)
     ax_l.set_ylabel("ceiling (%)")

@@ -114,15 +114,14 @@ def two_rank_run(setup):
     return tmp / "two"
 
 
-def test_two_ranks_equal_one_process(setup, reference_run, two_rank_run):
+def test_two_ranks_equal_one_process(reference_run, two_rank_run):
     """torchrun --nproc_per_node=2 (gloo, FSDP2): same losses (1e-5) and the same exported weights."""
-    tmp = setup[2]
-    assert records(tmp / "two", "config")[0]["world_size"] == 2
+    assert records(two_rank_run, "config")[0]["world_size"] == 2
     a = [r["loss"] for r in records(reference_run)]
-    b = [r["loss"] for r in records(tmp / "two")]
+    b = [r["loss"] for r in records(two_rank_run)]
     assert np.allclose(a, b, rtol=0, atol=1e-5)
     wa = load_file(reference_run / "checkpoints" / "step_00000006" / "hf" / "model.safetensors")
-    wb = load_file(tmp / "two" / "checkpoints" / "step_00000006" / "hf" / "model.safetensors")
+    wb = load_file(two_rank_run / "checkpoints" / "step_00000006" / "hf" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
